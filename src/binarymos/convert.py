@@ -1,0 +1,134 @@
+"""`binarize(model, config)`: replace every linear layer inside the decoder blocks of a Hugging
+Face causal LM with a binarized one, in place. Embeddings, norms and the LM head stay as they are.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .nn import BinaryMoSLinear, SignLinear
+
+METHODS = ("mos", "sign")
+
+
+class UnsupportedModelError(ValueError):
+    """The model has no decoder blocks binarymos can find, or a layer it cannot convert."""
+
+
+@dataclass
+class BinaryMoSConfig:
+    """How to binarize a model.
+
+    method: "mos" trains token-adaptive scales (BinaryMoS; ``num_experts=1`` is OneBit);
+            "sign" is the static post-training baseline sign(W) * mean|W| per output row.
+    modules_to_not_convert: fnmatch patterns of module names (relative to the model) to keep
+            in full precision, e.g. ``["*.mlp.down_proj"]``.
+    """
+
+    num_experts: int = 4
+    method: str = "mos"
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    router_init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if int(self.num_experts) != self.num_experts or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks: the one whose length is the config's layer count.
+
+    Found generically (no table of model families): Hugging Face decoders keep their blocks in a
+    single ModuleList of ``num_hidden_layers`` modules of one class (``model.layers``,
+    ``transformer.h``, ``gpt_neox.layers``, ``model.decoder.layers`` ...).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no Hugging Face config; cannot find its decoder blocks")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == num_layers and len(module) > 0
+                  and len({type(block) for block in module}) == 1]
+    if len(candidates) != 1:
+        found = ", ".join(name for name, _ in candidates) or "none"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: expected one list of {num_layers} decoder blocks, found {found}")
+    return candidates[0]
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """An equivalent nn.Linear view of a Linear or a GPT-2 style Conv1D (weight stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D" and module.weight.dim() == 2:
+        in_features, out_features = module.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=module.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(module.weight.detach().T, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        return linear
+    return None
+
+
+def _make_layer(linear: nn.Linear, config: BinaryMoSConfig, from_weights: bool) -> nn.Module:
+    if not from_weights:  # shapes only: the weights come from a checkpoint next
+        kw = {"bias": linear.bias is not None, "device": linear.weight.device, "dtype": linear.weight.dtype}
+        if config.method == "sign":
+            return SignLinear(linear.in_features, linear.out_features, **kw)
+        return BinaryMoSLinear(linear.in_features, linear.out_features, config.num_experts, **kw)
+    if config.method == "sign":
+        return SignLinear.from_linear(linear)
+    return BinaryMoSLinear.from_linear(linear, config.num_experts, config.router_init_std)
+
+
+@torch.no_grad()
+def binarize(model: nn.Module, config: BinaryMoSConfig | None = None, from_weights: bool = True) -> nn.Module:
+    """Binarize every linear layer of the decoder blocks of ``model`` in place; returns the model.
+
+    With ``from_weights=False`` the layers only get their shapes (for loading a saved binarized
+    model without paying for the SVD initialisation).
+    """
+    config = config or BinaryMoSConfig()
+    blocks_name, blocks = decoder_blocks(model)
+    for block_index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{block_index}"
+        for name, module in list(block.named_modules()):
+            full_name = f"{prefix}.{name}" if name else prefix
+            if _inside_binarized(block, name) or any(
+                    fnmatch.fnmatch(full_name, pattern) for pattern in config.modules_to_not_convert):
+                continue
+            linear = _as_linear(module)
+            if linear is not None:
+                parent_name, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent_name), child, _make_layer(linear, config, from_weights))
+                continue
+            own_matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+            if own_matrices:
+                raise UnsupportedModelError(
+                    f"{full_name}: {type(module).__name__} holds a {tuple(own_matrices[0].shape)} weight that is "
+                    "not an nn.Linear or Conv1D; binarymos cannot convert it (add it to modules_to_not_convert "
+                    "to keep it in full precision)")
+    model.config.binarymos = config.to_dict()
+    return model
+
+
+def _inside_binarized(block: nn.Module, name: str) -> bool:
+    """True for a binarized layer itself or any module inside one (its router)."""
+    parts = name.split(".") if name else []
+    return any(isinstance(block.get_submodule(".".join(parts[:i])), (BinaryMoSLinear, SignLinear))
+               for i in range(1, len(parts) + 1))
+
+
+def binarized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> layer for every binarized layer of the model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (BinaryMoSLinear, SignLinear))}

@@ -1,0 +1,175 @@
+"""Text for training and evaluation, offline first.
+
+Named sources: ``wikitext2``, ``c4``, ``c4_wiki`` (the authors' mix), ``calib`` (English
+calibration text shipped in the exllamav2 wheel; the embedded default), or paths to local
+``.txt`` / ``.jsonl`` / ``.json.gz`` files. ``wikitext2`` and ``c4`` are read from a local copy
+laid out like ``shared/data`` when ``BINARYMOS_DATA_DIR`` (or ``data_dir``) is set, else through
+Hugging Face ``datasets``.
+
+Splits never overlap: WikiText-2 has its own train/validation/test; of the local C4 sample,
+documents 0-1099 are the test set (GPTQ's ``c4_new`` evaluation), 1100-1199 validation and
+the rest training text.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = "calib"
+C4_TEST_DOCS = 1100
+C4_VALID_DOCS = 100
+
+WIKITEXT_FILES = {  # split -> candidate file names, full split first
+    "train": ("wiki.train.raw", "wiki.train.first1MB.txt"),
+    "validation": ("wiki.valid.raw", "wiki.valid.first100KB.txt"),
+    "test": ("wiki.test.raw",),
+}
+C4_LOCAL = "c4/c4-validation-sample-2k.json.gz"
+
+
+class DataError(ValueError):
+    pass
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    value = explicit or os.environ.get("BINARYMOS_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist")
+    return path
+
+
+def _hf_datasets():
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError("this text needs either BINARYMOS_DATA_DIR (a local copy laid out like shared/data) "
+                        "or `pip install datasets` and internet access")
+    import datasets
+
+    return datasets
+
+
+def _read_docs(path: Path) -> list[str]:
+    """Documents of a local file: a .txt is one document; .jsonl / .json.gz hold one {"text": ...} per line."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".txt" or path.suffix == ".raw" or path.suffix == ".utf8":
+        return [path.read_text(encoding="utf-8")]
+    opener = gzip.open if path.suffix == ".gz" else open
+    if path.name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                return [json.loads(line)["text"] for line in f if line.strip()]
+        except (OSError, json.JSONDecodeError, KeyError, EOFError) as err:
+            raise DataError(f"{path}: not JSON lines with a 'text' field ({err})") from err
+    raise DataError(f"{path}: unsupported text file (use .txt, .jsonl or .json.gz)")
+
+
+def wikitext2(split: str, root: Path | None) -> list[str]:
+    """WikiText-2 raw as its rows (lines), the form the field's scripts join with "\\n\\n"."""
+    if root is not None:
+        for name in WIKITEXT_FILES[split]:
+            path = root / "wikitext-2-raw" / name
+            if path.exists():
+                return path.read_text(encoding="utf-8").split("\n")
+        raise DataError(f"no WikiText-2 {split} file under {root / 'wikitext-2-raw'}")
+    return list(_hf_datasets().load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+
+
+def c4(split: str, root: Path | None) -> list[str]:
+    if root is not None:
+        docs = _read_docs(root / C4_LOCAL)
+        bounds = {"test": (0, C4_TEST_DOCS), "validation": (C4_TEST_DOCS, C4_TEST_DOCS + C4_VALID_DOCS),
+                  "train": (C4_TEST_DOCS + C4_VALID_DOCS, len(docs))}
+        lo, hi = bounds[split]
+        return docs[lo:hi]
+    datasets = _hf_datasets()
+    if split == "train":
+        return list(datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                          split="train")["text"])
+    docs = list(datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                                      split="validation")["text"])
+    return docs[:C4_TEST_DOCS] if split == "test" else docs[C4_TEST_DOCS:C4_TEST_DOCS + C4_VALID_DOCS]
+
+
+def calib() -> list[str]:
+    """The English calibration text (c4, wiki, technical) inside the exllamav2 wheel, read as files."""
+    spec = importlib.util.find_spec("exllamav2")
+    names = ("c4.utf8", "wiki.utf8", "technical.utf8")
+    if spec is not None and spec.submodule_search_locations:
+        folder = Path(list(spec.submodule_search_locations)[0]) / "conversion" / "standard_cal_data"
+        if folder.is_dir():
+            return [(folder / n).read_text(encoding="utf-8") for n in names]
+    wheels = sorted(Path(os.environ.get("BINARYMOS_WHEEL_DIR", ".")).glob("exllamav2-*.whl"))
+    if wheels:
+        with zipfile.ZipFile(wheels[-1]) as zf:
+            return [zf.read(f"exllamav2/conversion/standard_cal_data/{n}").decode() for n in names]
+    raise DataError("the calib text needs the exllamav2 wheel: pip install --no-deps exllamav2")
+
+
+def documents(name: str, split: str = "train", root: str | os.PathLike | None = None) -> list[str]:
+    """The documents of a named source (or a comma-separated list of sources) for one split."""
+    if split not in ("train", "validation", "test"):
+        raise DataError(f"unknown split {split!r}")
+    local = data_dir(root)
+    docs: list[str] = []
+    for part in name.split(","):
+        if part == "wikitext2":
+            docs += ["\n".join(wikitext2(split, local))] if split == "train" else wikitext2(split, local)
+        elif part == "c4":
+            docs += c4(split, local)
+        elif part == "c4_wiki":
+            docs += documents("c4,wikitext2", split, root)
+        elif part == "calib":
+            if split != "train":
+                raise DataError("calib is training text only; evaluate on wikitext2 or c4")
+            docs += calib()
+        elif Path(part).suffix in (".txt", ".jsonl", ".gz", ".raw", ".utf8") or Path(part).exists():
+            docs += _read_docs(Path(part).expanduser())
+        else:
+            raise DataError(f"unknown data {part!r}: use wikitext2, c4, c4_wiki, calib or a .txt/.jsonl/.json.gz file")
+    return docs
+
+
+def token_blocks(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
+    """Documents tokenized, joined with the EOS token and cut into (N, seq_len) training blocks."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        if doc.strip():
+            ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError(f"only {len(ids)} tokens of text: not one block of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+EVAL_SETS = ("wikitext2", "c4")
+
+
+def eval_windows(tokenizer, name: str, seq_len: int = 2048, root=None, max_windows: int | None = None) -> torch.Tensor:
+    """The field's perplexity windows, (N, seq_len), non-overlapping.
+
+    wikitext2: the raw test split's rows joined with "\\n\\n", tokenized once (GPTQ/OneBit/BinaryMoS).
+    c4: GPTQ's ``c4_new``: the first 1100 validation documents joined with " ", first 256 windows.
+    """
+    if name == "wikitext2":
+        text, limit = "\n\n".join(wikitext2("test", data_dir(root))), None
+    elif name == "c4":
+        text, limit = " ".join(c4("test", data_dir(root))), 256
+    else:
+        raise DataError(f"unknown evaluation set {name!r}: use {', '.join(EVAL_SETS)}")
+    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+    n = len(ids) // seq_len
+    for cap in (limit, max_windows):
+        n = min(n, cap) if cap else n
+    return ids[: n * seq_len].view(n, seq_len)

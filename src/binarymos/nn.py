@@ -1,0 +1,231 @@
+"""The binarized linear layers: BinaryMoS (E scaling experts mixed per token), OneBit (E=1)
+and the static sign baseline.
+
+BinaryMoS (SPEC.md):
+    B     = sign(W)                 with sign(0) = +1
+    G     = softmax(x @ W_R)        in float32, one row of E gates per token
+    s_in  = G @ S_in,  s_out = G @ S_out
+    y     = ((x * s_in) @ B.T) * s_out + bias
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign with sign(0) = +1 forward; clipped straight-through gradient (|w| <= 1) backward."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return binary_sign(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return grad * (weight.abs() <= 1).to(grad.dtype)
+
+
+def binary_sign(weight: torch.Tensor) -> torch.Tensor:
+    """+1 where weight >= 0, else -1, in the weight's dtype (torch.sign maps 0 to 0)."""
+    return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
+
+
+def sign_ste(weight: torch.Tensor) -> torch.Tensor:
+    return _SignSTE.apply(weight)
+
+
+def leading_singular_pair(matrix: torch.Tensor, iters: int = 100, tol: float = 1e-7):
+    """u, v with matrix ~= outer(u, v): the rank-1 SVD term, each side carrying sqrt(sigma_0).
+
+    Power iteration in float32: for the non-negative |W| the leading pair is positive and well
+    separated, so it converges in a few steps, and it costs O(out*in) per step on any device
+    instead of a full SVD.
+    """
+    m = matrix.float()
+    v = m.mean(0)
+    v = v / v.norm()
+    for _ in range(iters):
+        u = m @ v
+        u = u / u.norm()
+        v_next = m.T @ u
+        sigma = v_next.norm()
+        v_next = v_next / sigma
+        done = (v_next - v).norm() < tol
+        v = v_next
+        if done:
+            break
+    root = sigma.sqrt()
+    return u * root, v * root
+
+
+class BinaryMoSLinear(nn.Module):
+    """A 1-bit linear layer whose scales are a per-token mixture of ``num_experts`` experts.
+
+    Training form: ``weight`` is the latent full-precision weight, binarized on the fly with a
+    straight-through estimator. ``num_experts=1`` is OneBit's dual-scale binarization (the
+    router is then a constant and is skipped).
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.router = nn.Linear(in_features, num_experts, bias=False, **kw)
+        self.scale_in = nn.Parameter(torch.ones(num_experts, in_features, **kw))
+        self.scale_out = nn.Parameter(torch.ones(num_experts, out_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, num_experts: int = 4, router_init_std: float = 0.02) -> "BinaryMoSLinear":
+        """Convert a trained ``nn.Linear``: latent weight = W, every expert = rank-1 SVD of |W|."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, num_experts, bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+        u, v = leading_singular_pair(weight.abs())
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.scale_out.copy_(u.expand(num_experts, -1))
+            layer.scale_in.copy_(v.expand(num_experts, -1))
+            nn.init.normal_(layer.router.weight, std=router_init_std)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Router gating scores G = softmax(x W_R) in float32, shape (..., E)."""
+        return torch.softmax(self.router(x).float(), dim=-1)
+
+    def token_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-adaptive scales s_in (..., in) and s_out (..., out), in x's dtype."""
+        if self.num_experts == 1:
+            return self.scale_in[0].to(x.dtype), self.scale_out[0].to(x.dtype)
+        g = self.gates(x)
+        return (g @ self.scale_in.float()).to(x.dtype), (g @ self.scale_out.float()).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s_in, s_out = self.token_scales(x)
+        y = F.linear(x * s_in, sign_ste(self.weight).to(x.dtype)) * s_out
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")
+
+
+class SignLinear(nn.Module):
+    """Static post-training baseline: y = (x @ sign(W).T) * mean_j |W_ij| (+ bias). No training."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.ones(out_features, in_features, **kw), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "SignLinear":
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(binary_sign(weight))
+            layer.scale.copy_(weight.abs().float().mean(dim=1))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_signs(weight: torch.Tensor) -> torch.Tensor:
+    """Signs of an (out, in) weight packed 8 per byte along the input dimension -> uint8 (out, ceil(in/8)).
+
+    Bit j (least significant first) of byte k of row o is 1 where weight[o, 8k + j] >= 0 (+1), 0 for -1.
+    Rows are padded with 0 bits up to a multiple of 8 inputs. Little-endian bytes, so where ``in`` is a
+    multiple of 32 the same memory read as int32 holds inputs 32w .. 32w+31 in bits 0..31 of word w.
+    """
+    out_features, in_features = weight.shape
+    bits = (weight >= 0).to(torch.uint8)
+    pad = (-in_features) % 8
+    if pad:
+        bits = F.pad(bits, (0, pad))
+    bits = bits.view(out_features, -1, 8)
+    shifts = torch.arange(8, device=weight.device, dtype=torch.uint8)
+    return (bits << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (out, in) matrix of +1/-1 that ``pack_signs`` packed."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    signs = bits.view(packed.shape[0], -1)[:, :in_features].to(dtype)
+    return signs * 2 - 1
+
+
+class PackedBinaryMoSLinear(nn.Module):
+    """Inference form of BinaryMoSLinear: signs packed 8 per byte, scales and router in 16 bits.
+
+    Holds buffers, not parameters. ``forward`` computes exactly what the training form computes in
+    eval mode; on CUDA with Triton it runs the fused kernels of ``binarymos.kernels``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool = False,
+                 device=None, dtype=torch.float16):
+        super().__init__()
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.register_buffer("packed_weight", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                          device=device))
+        self.register_buffer("router", torch.zeros(num_experts, in_features, dtype=dtype, device=device))
+        self.register_buffer("scale_in", torch.ones(num_experts, in_features, dtype=dtype, device=device))
+        self.register_buffer("scale_out", torch.ones(num_experts, out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_binarized(cls, layer: BinaryMoSLinear, dtype: torch.dtype = torch.float16) -> "PackedBinaryMoSLinear":
+        packed = cls(layer.in_features, layer.out_features, layer.num_experts, layer.bias is not None,
+                     device=layer.weight.device, dtype=dtype)
+        packed.packed_weight.copy_(pack_signs(layer.weight))
+        packed.router.copy_(layer.router.weight)
+        packed.scale_in.copy_(layer.scale_in)
+        packed.scale_out.copy_(layer.scale_out)
+        if layer.bias is not None:
+            packed.bias.copy_(layer.bias)
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from .kernels import binary_mos_linear
+
+            return binary_mos_linear(x, self.packed_weight, self.router, self.scale_in, self.scale_out, self.bias)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain PyTorch: the formula of SPEC.md on the unpacked signs."""
+        if self.num_experts == 1:
+            s_in, s_out = self.scale_in[0].to(x.dtype), self.scale_out[0].to(x.dtype)
+        else:
+            g = torch.softmax(F.linear(x, self.router.to(x.dtype)).float(), dim=-1)
+            s_in, s_out = (g @ self.scale_in.float()).to(x.dtype), (g @ self.scale_out.float()).to(x.dtype)
+        y = F.linear(x * s_in, unpack_signs(self.packed_weight, self.in_features, x.dtype)) * s_out
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, bias={self.bias is not None}")

@@ -1,0 +1,275 @@
+"""Distillation of a binarized student from its frozen full-precision teacher.
+
+    loss = kl_weight * KL(p_teacher || p_student) + hidden_weight * hidden-state MSE over decoder layers
+
+Recipes fill in what the user did not set: ``paper`` is the authors' setting (KL ``batchmean``,
+lambda 10 on unnormalised MSE, AdamW lr 2e-5, cosine, 3 % warm-up); ``default`` is ours, tuned
+for small budgets (docs/RESULTS.md says how it was measured).
+
+A run directory holds ``train_config.json``, ``log.jsonl`` (one line per logged step),
+``checkpoint.pt`` (written atomically every ``save_every`` steps; ``resume=True`` continues
+from it bit-for-bit) and, at the end, ``model/`` (the trained binarized model, loadable with
+``binarymos.models.load_model``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .convert import BinaryMoSConfig, binarize
+from .data import DEFAULT_DATA, documents, token_blocks
+from .models import DEFAULT_MODEL, load_model
+from .nn import BinaryMoSLinear
+
+RECIPES = {
+    "default": dict(lr_weight=1e-4, lr_scale=1e-3, kl_reduction="token", hidden_weight=1.0,
+                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0),
+    "paper": dict(lr_weight=2e-5, lr_scale=2e-5, kl_reduction="batchmean", hidden_weight=10.0,
+                  hidden_norm="none", warmup=0.03, weight_decay=0.0),
+}
+
+
+class TrainingDivergedError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    data_dir: str | None = None
+    out: str = "runs/binarymos"
+    method: str = "mos"
+    num_experts: int = 4
+    recipe: str = "default"
+    seq_len: int = 2048
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_tokens: int | None = None  # training budget; with max_steps None and this None: `epochs` epochs
+    max_steps: int | None = None
+    epochs: float = 1.0
+    # None: taken from the recipe
+    lr_weight: float | None = None  # latent weights
+    lr_scale: float | None = None   # scaling experts, router, biases
+    weight_decay: float | None = None
+    warmup: float | None = None     # fraction of the steps
+    kl_weight: float = 1.0
+    hidden_weight: float | None = None
+    kl_reduction: str | None = None  # "token": mean over tokens; "batchmean": sum / batch size
+    hidden_norm: str | None = None   # "teacher": each layer's MSE over the teacher's mean square; "none"
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 50
+    grad_checkpointing: bool | None = None  # None: on for CUDA
+    device: str | None = None
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}: use one of {', '.join(RECIPES)}")
+        for key, value in RECIPES[self.recipe].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.kl_reduction not in ("token", "batchmean"):
+            raise ValueError(f"kl_reduction must be 'token' or 'batchmean', got {self.kl_reduction!r}")
+        if self.hidden_norm not in ("teacher", "none"):
+            raise ValueError(f"hidden_norm must be 'teacher' or 'none', got {self.hidden_norm!r}")
+        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "save_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
+
+
+def _diverged(what: str, step: int, ckpt_path: Path) -> TrainingDivergedError:
+    kept = ckpt_path if ckpt_path.exists() else "none (no checkpoint was written yet)"
+    return TrainingDivergedError(f"{what} at step {step}: training stopped before the update; "
+                                 f"the last good checkpoint is {kept}")
+
+
+def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term."""
+    log_p_s = F.log_softmax(student_out.logits.float(), dim=-1)
+    log_p_t = F.log_softmax(teacher_out.logits.float(), dim=-1)
+    kl_sum = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+    tokens = log_p_s.shape[0] * log_p_s.shape[1]
+    kl = kl_sum / (tokens if cfg.kl_reduction == "token" else log_p_s.shape[0])
+    hidden = torch.zeros((), device=kl.device)
+    if cfg.hidden_weight:
+        pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
+        for h_s, h_t in pairs:
+            mse = F.mse_loss(h_s.float(), h_t.float())
+            hidden = hidden + (mse / h_t.float().pow(2).mean() if cfg.hidden_norm == "teacher" else mse)
+        if cfg.hidden_norm == "teacher":
+            hidden = hidden / len(pairs)
+    loss = cfg.kl_weight * kl + cfg.hidden_weight * hidden
+    return loss, {"kl": kl.item(), "hidden": hidden.item()}
+
+
+def lr_factor(step: int, total: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(student, cfg: TrainConfig) -> list[dict]:
+    """Latent weights at lr_weight; scales, router and biases of the binarized layers at lr_scale."""
+    weights, scales = [], []
+    for module in student.modules():
+        if isinstance(module, BinaryMoSLinear):
+            weights.append(module.weight)
+            scales += [module.scale_in, module.scale_out] + ([module.router.weight] if module.num_experts > 1 else [])
+            scales += [module.bias] if module.bias is not None else []
+    return [{"params": weights, "lr": cfg.lr_weight, "base_lr": cfg.lr_weight, "weight_decay": cfg.weight_decay},
+            {"params": scales, "lr": cfg.lr_scale, "base_lr": cfg.lr_scale, "weight_decay": 0.0}]
+
+
+def batch_indices(step: int, micro: int, cfg: TrainConfig, num_blocks: int) -> torch.Tensor:
+    """Block indices of one micro-batch: epochs of seeded permutations, a pure function of the position."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    positions = torch.arange(start, start + cfg.batch_size)
+    out = torch.empty_like(positions)
+    for epoch in positions.div(num_blocks, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000003 + epoch))
+        mask = positions.div(num_blocks, rounding_mode="floor") == epoch
+        out[mask] = perm[positions[mask] % num_blocks]
+    return out
+
+
+def total_steps(cfg: TrainConfig, num_blocks: int) -> int:
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    if cfg.max_tokens is not None:
+        return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    return max(1, math.ceil(cfg.epochs * num_blocks / (cfg.batch_size * cfg.grad_accum)))
+
+
+def _trainable_state(student) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu() for name, p in student.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, student, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Atomic: a temporary file renamed over the old checkpoint, so a kill never leaves a torn one."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "trainable": _trainable_state(student), "optimizer": optimizer.state_dict(),
+                "config": asdict(cfg)}, tmp)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: TrainConfig):
+    """(teacher, student, tokenizer, blocks) on cfg.device: the frozen teacher and its binarized copy."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher, tokenizer = load_model(cfg.model, dtype=torch.float32)
+    blocks = token_blocks(tokenizer, documents(cfg.data, "train", cfg.data_dir), cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method))
+    teacher.requires_grad_(False).eval()
+    if device.type == "cuda":
+        teacher.to(torch.bfloat16)
+    student.requires_grad_(False)
+    for group in param_groups(student, cfg):
+        for p in group["params"]:
+            p.requires_grad_(True)
+    grad_ckpt = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda"
+    if grad_ckpt:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+    return teacher.to(device), student.to(device), tokenizer, blocks
+
+
+def train(cfg: TrainConfig):
+    """Run (or resume) a distillation; returns the trained student."""
+    out = Path(cfg.out)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not cfg.resume and ckpt_path.exists():
+        raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or choose another --out")
+    teacher, student, tokenizer, blocks = prepare(cfg)
+    device = next(student.parameters()).device
+    groups = param_groups(student, cfg)
+    if cfg.method == "sign" or not groups[0]["params"]:
+        raise ValueError("the static sign baseline has nothing to train; evaluate it directly")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    steps = total_steps(cfg, len(blocks))
+    warmup_steps = max(1, round(cfg.warmup * steps))
+    start = 0
+    if cfg.resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        student.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    student.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distil", unit="step", dynamic_ncols=True)
+    with open(log_path, "a") as log:
+        t0, tokens_seen = time.perf_counter(), 0
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, steps, warmup_steps)
+            torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
+            terms = {"loss": 0.0, "kl": 0.0, "hidden": 0.0}
+            for micro in range(cfg.grad_accum):
+                ids = blocks[batch_indices(step, micro, cfg, len(blocks))].to(device)
+                with torch.no_grad(), autocast:
+                    t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
+                with autocast:
+                    s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
+                loss, parts = distillation_loss(s_out, t_out, cfg)
+                if not torch.isfinite(loss):
+                    raise _diverged(f"loss is {loss.item()}", step, ckpt_path)
+                (loss / cfg.grad_accum).backward()
+                terms["loss"] += loss.item() / cfg.grad_accum
+                for key in parts:
+                    terms[key] += parts[key] / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise _diverged(f"gradient norm is {grad_norm.item()}", step, ckpt_path)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            done = step + 1
+            if done % cfg.log_every == 0 or done == steps:
+                rate = tokens_seen / (time.perf_counter() - t0)
+                record = {"step": done, "tokens": done * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
+                          "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
+                          "tokens_per_s": round(rate, 1), "time": round(time.time(), 3)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
+                                tok_s=f"{rate:.0f}")
+            if done % cfg.save_every == 0 or done == steps:
+                save_checkpoint(ckpt_path, student, optimizer, done, cfg)
+    bar.close()
+    save_model(student, tokenizer, out / "model")
+    return student
+
+
+def save_model(student, tokenizer, directory: Path) -> None:
+    """The trained binarized model (latent weights, scales, router), as a Hugging Face directory."""
+    if student.is_gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    student.config.use_cache = True
+    tmp = directory.with_name(directory.name + ".tmp")
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)

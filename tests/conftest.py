@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+os.environ.setdefault("BINARYMOS_DATA_DIR", str(SHARED_DATA))
+
+# model_type -> tiny config kwargs (random weights; enough to exercise every code path)
+TINY = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16},
+    "phi3": {},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32, "num_attention_heads": 4, "max_position_embeddings": 128},
+    "gpt_neox": {"num_attention_heads": 4},
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128},
+}
+ARCHS = list(TINY)
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    kwargs = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "gpt2":
+        kwargs = dict(vocab_size=128, bos_token_id=1, eos_token_id=2)
+    kwargs.update(TINY[model_type])
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
