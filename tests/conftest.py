@@ -45,3 +45,22 @@ def tiny_model(model_type: str, seed: int = 0):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny LLaMA with a character tokenizer, saved like a Hugging Face model directory."""
+    from pack_helpers import tiny_lm, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_lm("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """~20k characters of real English (WikiText-2 train) for tiny training runs."""
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text((SHARED_DATA / "wikitext-2-raw" / "wiki.train.first1MB.txt").read_text()[:20000])
+    return path

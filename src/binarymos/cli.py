@@ -15,8 +15,18 @@ def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
+def _ppl_sets(value: str) -> list[str]:
+    from .data import EVAL_SETS
+
+    sets = _csv(value)
+    unknown = [s for s in sets if s not in EVAL_SETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown evaluation set {unknown[0]!r}: use {', '.join(EVAL_SETS)}")
+    return sets
+
+
 def _add_eval_args(p: argparse.ArgumentParser, default_sets: str) -> None:
-    p.add_argument("--ppl", type=_csv, default=_csv(default_sets),
+    p.add_argument("--ppl", type=_ppl_sets, default=_csv(default_sets),
                    help=f"perplexity sets, comma-separated: wikitext2,c4 (default: {default_sets or 'none'})")
     p.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window length (default 2048)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows of each set")
@@ -74,23 +84,99 @@ def _print_table(rows: dict[str, dict[str, float]], sets: list[str]) -> None:
         print(f"| {name} | " + " | ".join(f"{values[s]:,.2f}" for s in sets) + " |")
 
 
-def _cmd_eval(args) -> None:
-    from .eval import perplexity
-    from .models import load_model
-
+def _load_for_inference(name: str, device: str | None):
+    """(model, tokenizer): a packed directory through binarymos.load, anything else through load_model."""
     import torch
 
-    model, tokenizer = load_model(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .models import load_model, load_tokenizer
+    from .pack import is_packed, load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_packed(name):
+        return load(name, device=device), load_tokenizer(name)
+    return load_model(name, device=device)
+
+
+def _cmd_eval(args) -> None:
+    from .eval import perplexity
+
+    sets = args.ppl if args.ppl is not None else ([] if args.tasks else _csv("wikitext2,c4"))
+    model, tokenizer = _load_for_inference(args.model, args.device)
     rows = {args.model: {s: perplexity(model, tokenizer, s, args.eval_seq_len, args.eval_windows, args.data_dir)
-                         for s in args.ppl}}
-    _print_table(rows, args.ppl)
+                         for s in sets}}
+    if sets:
+        _print_table(rows, sets)
+    if args.tasks:
+        from .harness import METRICS, zero_shot
+
+        accuracy = zero_shot(model, tokenizer, args.tasks, args.task_path, args.limit)
+        rows[args.model].update(accuracy)
+        print("| task | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS))
+        for task, values in accuracy.items():
+            print(f"| {task} | " + " | ".join(f"{values[m]:.4f}" if m in values else "-" for m in METRICS) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
+def _cmd_pack(args) -> None:
+    from .pack import pack
+
+    out = pack(args.source, args.out, args.num_experts, args.method, args.dtype, args.max_shard_size, args.overwrite)
+    print(f"packed {out}")
+
+
+def _cmd_footprint(args) -> None:
+    from .footprint import format_table, report
+
+    if (args.directory is None) == (args.config is None):
+        raise ValueError("footprint: give a packed DIRECTORY or --config NAME|PATH (one of them)")
+    result = report(args.config, args.directory, args.num_experts)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+
+
+def _cmd_generate(args) -> None:
+    import torch
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("generate: needs --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    model, tokenizer = _load_for_inference(args.model, args.device)
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    else:
+        sampling = {"do_sample": False}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
+    print(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _cmd_bench(args) -> None:
+    """Both GPU benchmarks of a source checkout (benchmarks/ is not installed with the package)."""
+    import subprocess
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench: needs a CUDA GPU")
+    root = Path(__file__).resolve().parents[2]
+    scripts = root / "benchmarks"
+    if not (scripts / "linear_latency.py").exists():
+        raise OSError(f"bench: {scripts} not found; run it from a source checkout of binarymos")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")])))
+    for name in ("linear_latency", "decode"):
+        if subprocess.run([sys.executable, str(scripts / f"{name}.py"), "--out", str(out / f"{name}.md")],
+                          env=env).returncode:
+            raise RuntimeError(f"bench: benchmarks/{name}.py failed (its output is above)")
+    print(f"tables in {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="binarymos", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = _Parser(prog="binarymos", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     p = verbs.add_parser("train", help="binarize a model and distil it from the original")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
@@ -102,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: ours, tuned for small budgets; paper: the authors' exact setting")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: the recipe's)")
     p.add_argument("--grad-accum", type=int, default=1)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-tokens", type=int, default=None, help="training budget in tokens")
@@ -132,13 +218,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p, "wikitext2,c4")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.set_defaults(func=_cmd_eval)
+    p.add_argument("--tasks", type=_csv, default=[],
+                   help="zero-shot lm-eval tasks, e.g. piqa,hellaswag,boolq,winogrande,arc_easy,arc_challenge "
+                        "(perplexity is then skipped unless --ppl is given)")
+    p.add_argument("--task-path", default=None, help="a folder of extra lm-eval task YAML files")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.set_defaults(func=_cmd_eval, ppl=None)
+
+    p = verbs.add_parser("pack", help="write a real 1-bit model directory (signs 8 per byte, 16-bit scales)")
+    p.add_argument("source", help="a run directory, a trained model directory, or any model to binarize now")
+    p.add_argument("--out", required=True, help="the packed directory to write")
+    p.add_argument("--num-experts", "-E", type=int, default=None,
+                   help="for a model binarized now: scaling experts (default 4; 1 = OneBit)")
+    p.add_argument("--method", default=None, choices=["mos", "sign"],
+                   help="for a model binarized now: mos (default) or the static sign baseline")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the 16-bit tensors' type")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_pack)
+
+    p = verbs.add_parser("footprint", help="bytes of a packed directory, or computed for a model config")
+    p.add_argument("directory", nargs="?", default=None, help="a packed (or any safetensors) model directory")
+    p.add_argument("--config", default=None,
+                   help="a config.json, a model directory, or llama-7b, llama-13b, llama-2-7b, llama-2-13b, "
+                        "llama-3-8b, mistral-7b, qwen2.5-7b")
+    p.add_argument("--num-experts", "-E", type=int, default=None, help="BinaryMoS experts (default: the pack's, or 4)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_footprint)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a packed (or any) model")
+    p.add_argument("model", help="a packed directory (or any model binarymos eval takes)")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = verbs.add_parser("bench", help="GPU benchmarks: one layer against fp16 cuBLAS, and end-to-end decoding")
+    p.add_argument("--out", default="bench", help="directory for linear_latency.md and decode.md (default: bench)")
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error of the command
+        self.exit(2, f"binarymos: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars would bury our own progress and errors
         args.func(args)
     except KeyboardInterrupt:
         print("binarymos: interrupted", file=sys.stderr)

@@ -191,7 +191,9 @@ class PackedBinaryMoSLinear(nn.Module):
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.register_buffer("packed_weight", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
                                                           device=device))
-        self.register_buffer("router", torch.zeros(num_experts, in_features, dtype=dtype, device=device))
+        # E = 1 (OneBit): the gate is the constant 1, so there is no router to store
+        self.register_buffer("router", torch.zeros(num_experts, in_features, dtype=dtype, device=device)
+                             if num_experts > 1 else None)
         self.register_buffer("scale_in", torch.ones(num_experts, in_features, dtype=dtype, device=device))
         self.register_buffer("scale_out", torch.ones(num_experts, out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -202,7 +204,8 @@ class PackedBinaryMoSLinear(nn.Module):
         packed = cls(layer.in_features, layer.out_features, layer.num_experts, layer.bias is not None,
                      device=layer.weight.device, dtype=dtype)
         packed.packed_weight.copy_(pack_signs(layer.weight))
-        packed.router.copy_(layer.router.weight)
+        if packed.router is not None:
+            packed.router.copy_(layer.router.weight)
         packed.scale_in.copy_(layer.scale_in)
         packed.scale_out.copy_(layer.scale_out)
         if layer.bias is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .convert import BinaryMoSConfig, binarize
@@ -31,10 +32,10 @@ from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
 
 RECIPES = {
-    "default": dict(lr_weight=1e-4, lr_scale=1e-3, kl_reduction="token", hidden_weight=1.0,
-                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0),
+    "default": dict(lr_weight=2e-4, lr_scale=1e-2, kl_reduction="token", hidden_weight=1.0,
+                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0, batch_size=2),
     "paper": dict(lr_weight=2e-5, lr_scale=2e-5, kl_reduction="batchmean", hidden_weight=10.0,
-                  hidden_norm="none", warmup=0.03, weight_decay=0.0),
+                  hidden_norm="none", warmup=0.03, weight_decay=0.0, batch_size=4),
 }
 
 
@@ -52,7 +53,7 @@ class TrainConfig:
     num_experts: int = 4
     recipe: str = "default"
     seq_len: int = 2048
-    batch_size: int = 4
+    batch_size: int | None = None  # sequences per micro-batch; None: the recipe's
     grad_accum: int = 1
     max_tokens: int | None = None  # training budget; with max_steps None and this None: `epochs` epochs
     max_steps: int | None = None
@@ -96,13 +97,27 @@ def _diverged(what: str, step: int, ckpt_path: Path) -> TrainingDivergedError:
                                  f"the last good checkpoint is {kept}")
 
 
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    log_p_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Sum over tokens of KL(teacher || student), in float32, a chunk of tokens at a time.
+
+    Each chunk is recomputed in the backward pass, so the float32 vocabulary-sized tensors exist
+    for one chunk only (a batch of 4 x 2048 tokens over a 49k vocabulary is 1.6 GB per copy).
+    """
+    s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+    return sum(checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+               for i in range(0, len(s), chunk))
+
+
 def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term."""
-    log_p_s = F.log_softmax(student_out.logits.float(), dim=-1)
-    log_p_t = F.log_softmax(teacher_out.logits.float(), dim=-1)
-    kl_sum = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
-    tokens = log_p_s.shape[0] * log_p_s.shape[1]
-    kl = kl_sum / (tokens if cfg.kl_reduction == "token" else log_p_s.shape[0])
+    batch, seq = student_out.logits.shape[:2]
+    kl = kl_sum(student_out.logits, teacher_out.logits) / (batch * seq if cfg.kl_reduction == "token" else batch)
     hidden = torch.zeros((), device=kl.device)
     if cfg.hidden_weight:
         pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
@@ -171,8 +186,9 @@ def save_checkpoint(path: Path, student, optimizer, step: int, cfg: TrainConfig)
 def prepare(cfg: TrainConfig):
     """(teacher, student, tokenizer, blocks) on cfg.device: the frozen teacher and its binarized copy."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    docs = documents(cfg.data, "train", cfg.data_dir)  # bad data fails before the model loads
     teacher, tokenizer = load_model(cfg.model, dtype=torch.float32)
-    blocks = token_blocks(tokenizer, documents(cfg.data, "train", cfg.data_dir), cfg.seq_len)
+    blocks = token_blocks(tokenizer, docs, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method))
     teacher.requires_grad_(False).eval()
@@ -184,7 +200,8 @@ def prepare(cfg: TrainConfig):
             p.requires_grad_(True)
     grad_ckpt = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda"
     if grad_ckpt:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     return teacher.to(device), student.to(device), tokenizer, blocks
 
@@ -262,8 +279,7 @@ def train(cfg: TrainConfig):
 
 def save_model(student, tokenizer, directory: Path) -> None:
     """The trained binarized model (latent weights, scales, router), as a Hugging Face directory."""
-    if student.is_gradient_checkpointing:
-        student.gradient_checkpointing_disable()
+    getattr(student, "activation_checkpointing_disable", student.gradient_checkpointing_disable)()
     student.config.use_cache = True
     tmp = directory.with_name(directory.name + ".tmp")
     student.save_pretrained(tmp)

@@ -1,0 +1,170 @@
+"""End-to-end greedy decoding: a packed BinaryMoS model against the same architecture in fp16.
+
+Random weights (speed needs no trained ones) in a Hugging Face model built from a config on the
+GPU; the packed variant swaps every linear layer of the decoder blocks for a PackedBinaryMoSLinear
+(E = 4) with random signs, router and scales; embeddings, norms and the LM head stay fp16. Both run
+the same loop: the prompt through the model once, then one CUDA graph per generated token that
+runs the model on the last token with a static KV cache, takes the argmax and feeds it back, all
+on the device (no host synchronisation between tokens). Reports tokens/s and peak GPU memory.
+
+    PYTHONPATH=src python benchmarks/decode.py --out docs/decode.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from binarymos.convert import decoder_blocks
+from binarymos.nn import PackedBinaryMoSLinear
+
+MODELS = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+}
+
+
+def build_model(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**MODELS[name], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def pack_randomly(model: nn.Module, experts: int = 4) -> nn.Module:
+    """Every nn.Linear of the decoder blocks -> PackedBinaryMoSLinear with random contents."""
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            packed = PackedBinaryMoSLinear(module.in_features, module.out_features, experts, module.bias is not None,
+                                           device="cuda", dtype=torch.float16)
+            packed.packed_weight.random_(0, 256)
+            packed.router.normal_(0, 0.05)
+            packed.scale_in.uniform_(0.5, 1.5)
+            packed.scale_out.uniform_(0.5, 1.5).div_(math.sqrt(module.in_features))
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, packed)
+    return model
+
+
+@torch.no_grad()
+def decode(model, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds for ``new_tokens`` greedy steps (CUDA-graph replays) after a prompt; and the tokens."""
+    from transformers import StaticCache
+
+    warmup = 3
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits
+    last = logits[:, -1:].argmax(-1)
+    tokens = torch.zeros(batch, new_tokens + warmup, dtype=torch.long, device="cuda")
+    step_index = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def step():
+        out = model(input_ids=last, past_key_values=cache, use_cache=True).logits
+        last.copy_(out[:, -1:].argmax(-1))
+        tokens.index_copy_(1, step_index, last)
+        step_index.add_(1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup - 1):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()  # the last warm-up step
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(new_tokens):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, tokens
+
+
+def run(names, batches, prompt_len, new_tokens) -> list[dict]:
+    rows = []
+    for name in names:
+        model = build_model(name)
+        for variant in ("fp16", "binarymos"):
+            if variant == "binarymos":
+                pack_randomly(model)
+            gc.collect()
+            torch.cuda.empty_cache()
+            weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            for batch in batches:
+                torch.cuda.reset_peak_memory_stats()
+                seconds, tokens = decode(model, batch, prompt_len, new_tokens)
+                row = {"model": name, "variant": variant, "batch": batch, "tok_s": batch * new_tokens / seconds,
+                       "ms_per_step": 1e3 * seconds / new_tokens, "weights_gb": weights / 1e9,
+                       "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                       "distinct_tokens": int(tokens.unique().numel())}
+                rows.append(row)
+                print(f"{name:>13} {variant:>9} batch {batch}: {row['tok_s']:9.1f} tok/s "
+                      f"({row['ms_per_step']:.2f} ms/step), weights {row['weights_gb']:.2f} GB, "
+                      f"peak {row['peak_gb']:.2f} GB", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows, prompt_len, new_tokens) -> str:
+    lines = [f"Device: {torch.cuda.get_device_name()}; {datetime.date.today().isoformat()}; torch {torch.__version__}. "
+             f"Greedy decoding, prompt {prompt_len} tokens, {new_tokens} new tokens timed, one CUDA graph per token, "
+             "static KV cache, random weights.", "",
+             "| model shape | batch | fp16 tok/s | BinaryMoS tok/s | speed-up | fp16 weights / peak GB "
+             "| BinaryMoS weights / peak GB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] != "fp16":
+            continue
+        b = next(o for o in rows if o["model"] == r["model"] and o["batch"] == r["batch"] and o["variant"] != "fp16")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['tok_s']:.1f} | {b['tok_s']:.1f} | "
+                     f"{b['tok_s'] / r['tok_s']:.2f}x | {r['weights_gb']:.2f} / {r['peak_gb']:.2f} | "
+                     f"{b['weights_gb']:.2f} / {b['peak_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(MODELS)}")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--out", default=None, help="markdown file (default: $OUT/decode.md, else stdout only)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    rows = run(args.models.split(","), [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens)
+    text = markdown(rows, args.prompt_len, args.new_tokens)
+    out = args.out or (os.path.join(os.environ["OUT"], "decode.md") if os.environ.get("OUT") else None)
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The `binarymos train` and `eval` verbs end to end, and one-line errors for bad input."""
+import json
+
+import pytest
+
+from binarymos.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_reports_perplexity_before_and_after(teacher_dir, text_file, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", "--model", str(teacher_dir), "--data", str(text_file), "--out", str(out_dir),
+                       "-E", "2", "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--device", "cpu",
+                       "--ppl", "wikitext2", "--eval-seq-len", "64", "--eval-windows", "2")
+    assert code == 0
+    rows = json.loads((out_dir / "results.json").read_text())
+    assert list(rows) == ["full precision", "static sign", "BinaryMoS (E=2) before training", "BinaryMoS (E=2) trained"]
+    assert all(value > 1 for row in rows.values() for value in row.values())
+    assert "| static sign |" in out and (out_dir / "model" / "config.json").exists()
+
+
+def test_eval_prints_and_writes_perplexity(teacher_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "eval", "--model", str(teacher_dir), "--ppl", "wikitext2,c4", "--eval-seq-len", "64",
+                       "--eval-windows", "2", "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    assert code == 0
+    values = json.loads((tmp_path / "r.json").read_text())[str(teacher_dir)]
+    assert set(values) == {"wikitext2", "c4"} and all(v > 1 for v in values.values())
+    assert "wikitext2 ppl" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "/no/such/model"], "no such file or directory"),
+    (["eval", "--model", "/no/such/model.gguf"], "no such file or directory"),
+    (["train", "--data", "nosuchdata", "--max-steps", "1"], "unknown data"),
+    (["train", "--data", "/no/such/text.txt", "--max-steps", "1"], "no such file"),
+    (["train", "-E", "0"], "num_experts must be an integer >= 1"),
+    (["train", "--resume", "--out", "/tmp/binarymos-no-such-run"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
+    if argv[0] == "train" and "--model" not in argv:
+        argv = argv + ["--model", str(teacher_dir), "--device", "cpu"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("binarymos: error: ") and message in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "--ppl", "ptb"], ["train", "--max-steps", "many"], ["nosuchverb"]])
+def test_bad_arguments_are_one_line_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("binarymos: error: ") and err.count("\n") == 1

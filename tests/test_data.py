@@ -1,0 +1,90 @@
+"""Text sources and the field's perplexity windows, against the files read directly."""
+import gzip
+import json
+
+import pytest
+import torch
+
+from binarymos.data import DataError, documents, eval_windows, token_blocks
+from conftest import SHARED_DATA
+from pack_helpers import encode, tiny_tokenizer
+
+
+def c4_sample():
+    with gzip.open(SHARED_DATA / "c4" / "c4-validation-sample-2k.json.gz", "rt") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def test_wikitext2_windows_follow_the_protocol():
+    rows = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().split("\n")
+    ids = encode(_printable("\n\n".join(rows)[:5000]))
+    windows = eval_windows(_AsciiTokenizer(), "wikitext2", seq_len=64, max_windows=3)
+    assert windows.shape == (3, 64)
+    assert windows.flatten().tolist() == ids[:192]
+
+
+def test_c4_is_gptq_c4_new_and_never_overlaps_training_text():
+    docs = c4_sample()
+    windows = eval_windows(_AsciiTokenizer(), "c4", seq_len=1024)
+    expected = encode(_printable(" ".join(docs[:1100])))
+    assert windows.shape == (256, 1024)  # the first 256 windows
+    assert windows.flatten().tolist() == expected[: 256 * 1024]
+    train, valid, test = (set(documents("c4", s)) for s in ("train", "validation", "test"))
+    assert test == set(docs[:1100]) and len(train) == len(docs) - 1200
+    assert not (train & test) and not (train & valid) and not (valid & test)
+
+
+def test_wikitext2_splits_come_from_their_own_files():
+    train = documents("wikitext2", "train")
+    assert train == [(SHARED_DATA / "wikitext-2-raw" / "wiki.train.first1MB.txt").read_text()]
+    assert documents("c4_wiki", "train") == documents("c4", "train") + train
+
+
+def test_calib_is_the_exllamav2_text():
+    docs = documents("calib")
+    assert len(docs) == 3 and all(len(d) > 100_000 for d in docs)
+    with pytest.raises(DataError, match="training text only"):
+        documents("calib", "test")
+
+
+def test_local_files(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    with open(tmp_path / "b.jsonl", "w") as f:
+        f.write(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    with gzip.open(tmp_path / "c.json.gz", "wt") as f:
+        f.write(json.dumps({"text": "three"}) + "\n")
+    paths = ",".join(str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json.gz"))
+    assert documents(paths) == ["hello world", "one", "two", "three"]
+
+
+def test_token_blocks_join_documents_with_eos():
+    tok = tiny_tokenizer()
+    blocks = token_blocks(tok, ["ab", "cde"], seq_len=3)
+    eos = tok.eos_token_id
+    flat = encode("ab") + [eos] + encode("cde") + [eos]
+    assert blocks.shape == (2, 3) and blocks.flatten().tolist() == flat[:6]
+
+
+@pytest.mark.parametrize("name, match", [("nosuch", "unknown data"), ("/no/such/file.txt", "no such file")])
+def test_bad_data_is_a_clear_error(name, match):
+    with pytest.raises(DataError, match=match):
+        documents(name)
+
+
+def test_missing_data_dir_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("BINARYMOS_DATA_DIR", str(tmp_path / "absent"))
+    with pytest.raises(DataError, match="does not exist"):
+        documents("wikitext2", "test")
+    with pytest.raises(DataError, match="unknown evaluation set"):
+        eval_windows(tiny_tokenizer(), "ptb", 16, root=SHARED_DATA)
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch == "\n" or 32 <= ord(ch) < 127 else "?" for ch in text)
+
+
+class _AsciiTokenizer:
+    """tiny_tokenizer's ids, with any character outside its alphabet read as '?'."""
+
+    def __call__(self, text, return_tensors=None):
+        return {"input_ids": encode(_printable(text))}

@@ -1,0 +1,114 @@
+"""BinaryMoSLinear, OneBit (E=1) and the static sign baseline against the formulas written out in float64."""
+import pytest
+import torch
+from torch import nn
+
+from binarymos import BinaryMoSLinear, SignLinear
+
+
+def formula(x, weight, router, scale_in, scale_out, bias=None):
+    """SPEC.md's layer in float64: sign with sign(0)=+1, softmax gates, mixed scales."""
+    x, weight, router, scale_in, scale_out = (t.double() for t in (x, weight, router, scale_in, scale_out))
+    signs = torch.where(weight >= 0, 1.0, -1.0).double()
+    gates = torch.softmax(x @ router.T, dim=-1)
+    y = ((x * (gates @ scale_in)) @ signs.T) * (gates @ scale_out)
+    return y if bias is None else y + bias.double()
+
+
+def random_layer(in_f=24, out_f=20, experts=4, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = BinaryMoSLinear.from_linear(nn.Linear(in_f, out_f, bias=bias), num_experts=experts)
+    with torch.no_grad():  # distinct experts and a strong router, so the mixture matters
+        layer.scale_in.copy_(torch.rand(experts, in_f) + 0.5)
+        layer.scale_out.copy_(torch.rand(experts, out_f) + 0.5)
+        layer.router.weight.copy_(torch.randn(experts, in_f))
+    return layer
+
+
+def test_forward_matches_formula_with_leading_batch_dims():
+    layer = random_layer()
+    x = torch.randn(2, 3, 5, 24)
+    y = layer(x)
+    ref = formula(x, layer.weight, layer.router.weight, layer.scale_in, layer.scale_out, layer.bias)
+    assert y.shape == (2, 3, 5, 20)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gates_are_a_float32_softmax_even_for_half_inputs():
+    layer = random_layer().to(torch.bfloat16)
+    gates = layer.gates(torch.randn(7, 24, dtype=torch.bfloat16))
+    assert gates.dtype == torch.float32
+    torch.testing.assert_close(gates.sum(-1), torch.ones(7))
+
+
+def test_sign_of_zero_is_plus_one():
+    layer = random_layer(bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(4, 24)
+    ref = formula(x, torch.ones(20, 24), layer.router.weight, layer.scale_in, layer.scale_out)
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_straight_through_gradient_is_clipped_at_one():
+    layer = random_layer(bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(3)  # many latent weights beyond |w| = 1
+        layer.weight[0, :4] = torch.tensor([1.0, -1.0, 1.0001, -0.0])
+    x = torch.randn(6, 24, dtype=torch.float64)
+    upstream = torch.randn(6, 20, dtype=torch.float64)
+    (layer.double()(x) * upstream).sum().backward()
+    # reference: d/dB of the float64 formula with B a free variable, passed where |w| <= 1
+    signs = torch.where(layer.weight >= 0, 1.0, -1.0).double().requires_grad_(True)
+    gates = torch.softmax(x @ layer.router.weight.detach().T, -1)
+    y = ((x * (gates @ layer.scale_in.detach())) @ signs.T) * (gates @ layer.scale_out.detach())
+    (y * upstream).sum().backward()
+    mask = (layer.weight.detach().abs() <= 1).double()
+    torch.testing.assert_close(layer.weight.grad, signs.grad * mask, rtol=1e-5, atol=1e-6)  # gates are float32
+    assert layer.weight.grad[0, 0] != 0 and layer.weight.grad[0, 1] != 0 and layer.weight.grad[0, 2] == 0
+    assert layer.scale_in.grad is not None and layer.router.weight.grad is not None
+
+
+def test_svd_init_is_rank_one_of_abs_weight():
+    torch.manual_seed(1)
+    linear = nn.Linear(48, 40)
+    layer = BinaryMoSLinear.from_linear(linear, num_experts=3)
+    u, s, vh = torch.linalg.svd(linear.weight.detach().abs().double())
+    rank1 = s[0] * torch.outer(u[:, 0], vh[0])
+    for e in range(3):
+        torch.testing.assert_close(torch.outer(layer.scale_out[e], layer.scale_in[e]).double(), rank1,
+                                   rtol=1e-4, atol=1e-6)
+        assert (layer.scale_out[e] > 0).all() and (layer.scale_in[e] > 0).all()
+        # sqrt(sigma) on each side
+        torch.testing.assert_close(layer.scale_out[e].norm().double(), s[0].sqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(layer.weight, linear.weight)
+    torch.testing.assert_close(layer.bias, linear.bias)
+
+
+def test_one_expert_is_onebit():
+    torch.manual_seed(2)
+    linear = nn.Linear(32, 16, bias=False)
+    layer = BinaryMoSLinear.from_linear(linear, num_experts=1)
+    x = torch.randn(5, 32)
+    w = linear.weight.detach().double()
+    u, s, vh = torch.linalg.svd(w.abs())
+    a, b = u[:, 0].abs() * s[0].sqrt(), vh[0].abs() * s[0].sqrt()  # OneBit: W ~ sign(W) * (a b^T)
+    onebit = ((x.double() * b) @ torch.where(w >= 0, 1.0, -1.0).double().T) * a
+    torch.testing.assert_close(layer(x).double(), onebit, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts", [0, -1])
+def test_fewer_than_one_expert_is_refused(experts):
+    with pytest.raises(ValueError, match="num_experts"):
+        BinaryMoSLinear(8, 8, num_experts=experts)
+
+
+def test_sign_baseline_is_sign_times_row_mean_abs():
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 12)
+    layer = SignLinear.from_linear(linear)
+    x = torch.randn(3, 16)
+    w = linear.weight.detach().double()
+    ref = (x.double() @ torch.where(w >= 0, 1.0, -1.0).double().T) * w.abs().mean(1) + linear.bias.detach().double()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in layer.parameters())

@@ -1,0 +1,199 @@
+"""The packed 1-bit directory: bit-exact round trip for every architecture, the stored bits, validation errors."""
+import copy
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, tiny_config, tiny_model
+from pack_helpers import binarized, logits, packed_dir, reference, tiny_tokenizer
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import binarymos
+from binarymos import BinaryMoSConfig, binarize, cli
+from binarymos.convert import binarized_layers
+from binarymos.nn import PackedBinaryMoSLinear
+from binarymos.pack import PackFormatError, pack_model, save
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_bit_exact(arch, tmp_path):
+    model = binarized(tiny_model(arch))
+    want = logits(reference(model))
+    loaded = binarymos.load(packed_dir(model, tmp_path / "packed"), device="cpu", dtype=torch.float32)
+    assert any(isinstance(m, PackedBinaryMoSLinear) for m in loaded.modules())
+    assert torch.equal(logits(loaded), want)
+
+
+@pytest.mark.parametrize("arch, num_experts, method", [("llama", 1, "mos"), ("gpt2", 1, "sign"), ("qwen2", 1, "sign")])
+def test_onebit_and_sign_round_trip(arch, num_experts, method, tmp_path):
+    model = binarized(tiny_model(arch), num_experts, method)
+    want = logits(reference(model))
+    directory = packed_dir(model, tmp_path / "packed")
+    assert torch.equal(logits(binarymos.load(directory, device="cpu")), want)
+    names = load_file(directory / "model.safetensors").keys()
+    assert not any(name.endswith(".router") for name in names)  # E = 1: the gate is constant
+    if method == "sign":
+        assert not any(name.endswith(".scale_in") for name in names)
+
+
+def test_stored_bits_and_dtypes(tmp_path):
+    """Signs 8 per byte along the input, LSB first, 1 = (w >= 0), rows zero-padded; everything else fp16."""
+    config = tiny_config("llama")
+    config.intermediate_size = 36  # down_proj: 36 inputs, 5 bytes a row, 4 padding bits
+    torch.manual_seed(0)
+    model = binarized(AutoModelForCausalLM.from_config(config, dtype=torch.float32), num_experts=3)
+    latent = {name: layer.weight.detach().clone() for name, layer in binarized_layers(model).items()}
+    stored = load_numpy(packed_dir(model, tmp_path / "packed") / "model.safetensors")
+    for name, weight in latent.items():
+        packed = stored[f"{name}.packed_weight"]
+        assert packed.dtype == np.uint8 and packed.shape == (weight.shape[0], -(-weight.shape[1] // 8))
+        bits = np.unpackbits(packed, axis=1, bitorder="little")
+        assert (bits[:, :weight.shape[1]] == (weight.numpy() >= 0)).all()
+        assert not bits[:, weight.shape[1]:].any()
+        assert stored[f"{name}.scale_in"].shape == stored[f"{name}.router"].shape == (3, weight.shape[1])
+    assert {a.dtype for name, a in stored.items() if not name.endswith("packed_weight")} == {np.dtype(np.float16)}
+
+
+def test_sharded_save_and_transformers_round_trip(tmp_path):
+    """Plain AutoModelForCausalLM.from_pretrained loads a sharded pack; its save_pretrained writes the pack again."""
+    model = binarized(tiny_model("qwen3"))
+    want = logits(reference(model))
+    first = packed_dir(model, tmp_path / "first", max_shard_size="10KB")
+    index = json.loads((first / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+    loaded = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
+    assert torch.equal(logits(loaded), want)
+    assert AutoModelForCausalLM.from_pretrained(first).dtype == torch.float16  # "auto": the stored dtype
+
+    loaded.save_pretrained(tmp_path / "second", max_shard_size="10KB")
+    second = tmp_path / "second"
+    before = {k: v for f in first.glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in second.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((second / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((first / "config.json").read_text())["quantization_config"]
+    assert torch.equal(logits(binarymos.load(second, device="cpu")), want)
+
+
+@pytest.fixture(scope="module")
+def good_pack(tmp_path_factory):
+    return packed_dir(binarized(tiny_model("llama")), tmp_path_factory.mktemp("good") / "packed")
+
+
+def _tensor_range(path, name):
+    """Byte range of a tensor in a safetensors file, read from its header by hand."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    start, end = json.loads(data[8:8 + length])[name]["data_offsets"]
+    return 8 + length + start, 8 + length + end
+
+
+def _flip_byte(d):
+    path, name = d / "model.safetensors", "model.layers.1.mlp.down_proj.packed_weight"
+    start, _ = _tensor_range(path, name)
+    data = bytearray(path.read_bytes())
+    data[start] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(d):
+    path = d / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _edit_config(**changes):
+    def edit(d):
+        config = json.loads((d / "config.json").read_text())
+        config["quantization_config"].update(changes)
+        (d / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+CORRUPTIONS = {
+    "flipped byte": (_flip_byte, r"model\.safetensors: tensor model\.layers\.1\.mlp\.down_proj\.packed_weight "
+                                 r"is corrupted"),
+    "truncated": (_truncate, r"model\.safetensors: \d+ bytes, the manifest says \d+ \(truncated"),
+    "wrong version": (_edit_config(format_version=2), r"config\.json: quantization_config: format_version 2 is not"),
+    "other layout": (_edit_config(packing={"container": "int32"}), r"packing .* is not the supported layout"),
+    "mismatched experts": (_edit_config(num_experts=3), r"model\.safetensors: tensor model\.layers\.0\.\S+ "
+                                                        r"has shape \[2, \d+\], config\.json implies \[3, \d+\]"),
+    "no manifest": (lambda d: (d / "manifest.json").unlink(), r"manifest\.json: missing"),
+    "stray shard": (lambda d: shutil.copy(d / "model.safetensors", d / "model-extra.safetensors"),
+                    r"model-extra\.safetensors: not listed in manifest\.json"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_damaged_pack_is_refused(case, good_pack, tmp_path):
+    damage, message = CORRUPTIONS[case]
+    directory = shutil.copytree(good_pack, tmp_path / "damaged")
+    damage(directory)
+    with pytest.raises(ValueError, match=message):
+        binarymos.load(directory, device="cpu")
+
+
+def test_cli_reports_damage_in_one_line(good_pack, tmp_path, capsys):
+    directory = shutil.copytree(good_pack, tmp_path / "damaged")
+    _flip_byte(directory)
+    assert cli.main(["generate", str(directory), "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "down_proj.packed_weight is corrupted" in err
+
+
+def _save_hf(model, directory):
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_cli_pack_run_directory(tmp_path, capsys):
+    """A run directory (RUN/model holds the trained binarized model) packs bit-exactly; --out is protected."""
+    model = binarized(tiny_model("mistral"))
+    want = logits(reference(model))
+    run = tmp_path / "run"
+    _save_hf(model, run / "model")
+    out = tmp_path / "packed"
+    assert cli.main(["pack", str(run), "--out", str(out)]) == 0
+    assert torch.equal(logits(binarymos.load(out, device="cpu")), want)
+    assert AutoTokenizer.from_pretrained(out)("hello").input_ids == tiny_tokenizer()("hello").input_ids
+    assert not list(tmp_path.glob("packed.tmp-*"))
+
+    capsys.readouterr()
+    assert cli.main(["pack", str(run), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["pack", str(run), "--out", str(out), "--overwrite", "-E", "3"]) == 2
+    assert "trained with num_experts=2, not 3" in capsys.readouterr().err
+    assert cli.main(["pack", str(run), "--out", str(out), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["dtype"] == "bfloat16"
+
+
+def test_cli_pack_plain_model_as_sign_baseline(tmp_path):
+    model = tiny_model("gpt2")
+    source = _save_hf(model, tmp_path / "hf")
+    want = logits(reference(binarize(copy.deepcopy(model), BinaryMoSConfig(method="sign"))))
+    assert cli.main(["pack", str(source), "--out", str(tmp_path / "packed"), "--method", "sign"]) == 0
+    assert torch.equal(logits(binarymos.load(tmp_path / "packed", device="cpu")), want)
+
+
+def test_interrupted_pack_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    import binarymos.pack as pack
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    source = _save_hf(binarized(tiny_model("llama")), tmp_path / "model")
+    monkeypatch.setattr(pack, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pack.pack(str(source), tmp_path / "packed")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+    with pytest.raises(KeyboardInterrupt):  # a save into place (save_pretrained) stopped before its manifest
+        save(pack_model(binarized(tiny_model("llama"))), tmp_path / "partial")
+    with pytest.raises(PackFormatError, match="manifest.json: missing"):
+        binarymos.load(tmp_path / "partial", device="cpu")

@@ -1,0 +1,123 @@
+"""Distillation: the loss against its formula, a falling loss, determinism, kill-and-resume, NaN stop."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from types import SimpleNamespace
+
+from binarymos import train as train_mod
+from binarymos.train import TrainConfig, TrainingDivergedError, distillation_loss, lr_factor, train
+
+
+def cfg(teacher_dir, text_file, out, **kw):
+    base = dict(model=str(teacher_dir), data=str(text_file), out=str(out), seq_len=32, batch_size=2,
+                max_steps=6, num_experts=2, save_every=3, lr_weight=1e-3, lr_scale=1e-2, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_loss_matches_formula():
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    hs = [torch.randn(2, 5, 4) for _ in range(3)]
+    ht = [torch.randn(2, 5, 4) for _ in range(3)]
+    student = SimpleNamespace(logits=s_logits, hidden_states=hs)
+    teacher = SimpleNamespace(logits=t_logits, hidden_states=ht)
+    p_t = torch.softmax(t_logits.double(), -1)
+    kl_tokens = (p_t * (p_t.log() - torch.log_softmax(s_logits.double(), -1))).sum(-1)  # (2, 5)
+    layers = [((a.double() - b.double()) ** 2).mean() for a, b in zip(hs[1:], ht[1:])]  # hidden_states[0]: embeddings
+    ours = TrainConfig(hidden_weight=0.5)  # default recipe: per-token KL, MSE over the teacher's mean square
+    loss, parts = distillation_loss(student, teacher, ours)
+    normed = sum(m / (b.double() ** 2).mean() for m, b in zip(layers, ht[1:])) / len(layers)
+    assert math.isclose(loss.item(), kl_tokens.mean().item() + 0.5 * normed.item(), rel_tol=1e-5)
+    paper = TrainConfig(recipe="paper")  # KL batchmean, lambda 10 on the unnormalised sum of MSEs
+    loss, _ = distillation_loss(student, teacher, paper)
+    assert math.isclose(loss.item(), kl_tokens.sum().item() / 2 + 10 * sum(layers).item(), rel_tol=1e-5)
+
+
+def test_paper_recipe_is_the_authors_setting():
+    paper = TrainConfig(recipe="paper")
+    assert (paper.lr_weight, paper.lr_scale, paper.kl_reduction, paper.hidden_weight, paper.hidden_norm,
+            paper.warmup, paper.batch_size) == (2e-5, 2e-5, "batchmean", 10.0, "none", 0.03, 4)
+    assert TrainConfig(recipe="paper", lr_weight=1e-3).lr_weight == 1e-3  # explicit options win
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm) == pytest.approx(0.1)
+    assert lr_factor(9, total, warm) == pytest.approx(1.0)
+    assert lr_factor(55, total, warm) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_factor(100, total, warm) == pytest.approx(0.0)
+
+
+def test_tiny_run_lowers_the_distillation_loss_and_saves_a_loadable_model(teacher_dir, text_file, tmp_path):
+    from binarymos.models import load_model
+
+    student = train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=25, save_every=100))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 26))
+    assert sum(r["loss"] for r in log[-5:]) < 0.8 * sum(r["loss"] for r in log[:5])
+    assert {"kl", "hidden", "tokens_per_s", "lr_weight", "lr_scale"} <= set(log[0])
+    loaded, _ = load_model(str(tmp_path / "run" / "model"))
+    ids = torch.randint(0, 90, (1, 16))
+    torch.testing.assert_close(loaded(ids).logits, student.eval()(ids).logits)
+
+
+def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teacher_dir, text_file, tmp_path, monkeypatch):
+    full = trainable(train(cfg(teacher_dir, text_file, tmp_path / "full")))
+    again = trainable(train(cfg(teacher_dir, text_file, tmp_path / "again")))
+    assert all(torch.equal(full[n], again[n]) for n in full)
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the process is killed right after its first checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(teacher_dir, text_file, tmp_path / "killed"))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 3
+    resumed = trainable(train(cfg(teacher_dir, text_file, tmp_path / "killed", resume=True)))
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(teacher_dir, text_file, tmp_path, monkeypatch):
+    real_loss = train_mod.distillation_loss
+    calls = {"n": 0}
+
+    def nan_at_third_step(*args):
+        calls["n"] += 1
+        loss, parts = real_loss(*args)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(train_mod, "distillation_loss", nan_at_third_step)
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 2.*checkpoint.pt"):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", save_every=1))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(teacher_dir, text_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg(teacher_dir, text_file, tmp_path / "none", resume=True))
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=1, save_every=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=1))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="fast")
+    with pytest.raises(ValueError, match="num_experts"):
+        TrainConfig(num_experts=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
