@@ -8,6 +8,6 @@ export PYTHONPATH=/tmp/site:src BINARYMOS_DATA_DIR=.device/data PYTHONUNBUFFERED
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 benchmarks/recipe_sweep.py --deadline ${DEADLINE:-540} --model /tmp/smollm2.gguf --variants "$variants" \
   --max-tokens "$tokens" --parallel "$parallel" --threads 2 --out /tmp/sweep --train-extra="$extra" ${BASELINES:-}
-cp /tmp/sweep/sweep.* "$OUT"/ 2>/dev/null
+cp /tmp/sweep/compare.* "$OUT"/ 2>/dev/null
 tar czf "$OUT/logs.tgz" /tmp/sweep/*.log /tmp/sweep/*/log.jsonl 2>/dev/null
 nvidia-smi --query-gpu=memory.used --format=csv,noheader

@@ -37,11 +37,16 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
                    help="local copy of the text laid out like shared/data (default: $BINARYMOS_DATA_DIR)")
 
 
-def _cmd_train(args) -> None:
-    from .train import TrainConfig, train
+def _train_config(args):
+    from .train import TrainConfig
 
-    names = [k for k in vars(TrainConfig()) if k in vars(args)]
-    cfg = TrainConfig(**{k: getattr(args, k) for k in names})
+    return TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig()) if k in vars(args)})
+
+
+def _cmd_train(args) -> None:
+    from .train import train
+
+    cfg = _train_config(args)
     if args.ppl:
         _report(cfg, args, lambda: train(cfg))
     else:
@@ -102,6 +107,10 @@ def _cmd_eval(args) -> None:
 
     sets = args.ppl if args.ppl is not None else ([] if args.tasks else _csv("wikitext2,c4"))
     model, tokenizer = _load_for_inference(args.model, args.device)
+    if args.sign:
+        from .convert import BinaryMoSConfig, binarize
+
+        binarize(model, BinaryMoSConfig(method="sign"))
     rows = {args.model: {s: perplexity(model, tokenizer, s, args.eval_seq_len, args.eval_windows, args.data_dir)
                          for s in sets}}
     if sets:
@@ -134,6 +143,13 @@ def _cmd_footprint(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 
+def _cmd_plan(args) -> None:
+    from .plan import format_plan, parse_bytes, plan
+
+    result = plan(args.config, args.gpus, args.seq_len, args.batch, parse_bytes(args.gpu_memory), args.num_experts)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+
+
 def _cmd_generate(args) -> None:
     import torch
 
@@ -150,6 +166,44 @@ def _cmd_generate(args) -> None:
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
     print(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _cmd_compare(args) -> None:
+    """Validate everything once here, prepare what every job shares, then run the jobs (binarymos.compare)."""
+    import shlex
+
+    import torch
+
+    from .compare import method_options, model_config, study, table
+    from .synth import split_data
+    from .train import prepare
+
+    runs = {m: method_options(m) for m in _csv(args.methods)}
+    if not runs:
+        raise ValueError("compare: --methods names no method")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shared = ["--device", device] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    train_args = ["--data", args.data, "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)] + shared
+    train_args += shlex.split(args.train_args)
+    eval_args = ["--ppl", ",".join(args.ppl), "--eval-seq-len", str(args.eval_seq_len)] + shared
+    eval_args += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
+    cfg = _train_config(build_parser().parse_args(["train", "--model", args.model] + train_args))  # bad options fail now
+    model_config(args.model)  # a bad model fails now, and a .gguf is converted once, not by every job
+    if split_data(cfg.data)[1] and any(run is not None for run in runs.values()):
+        prepare(cfg)  # samples the teacher's text into the cache once, before the jobs read it
+        torch.cuda.empty_cache()
+    runs = {m: run if run is not None else m for m, run in runs.items()}
+    gpus = _csv(args.gpus) if args.gpus else []
+    report = study(runs, args.model, train_args, eval_args, args.out, args.ppl, device,
+                   args.parallel or max(1, len(gpus)), args.threads, gpus, args.deadline)
+    print(table(report))
+
+
+def _cmd_analyze(args) -> None:
+    from .analyze import DEFAULT_TEXT, analyze
+
+    analyze(args.run, args.out, args.layers, args.text or DEFAULT_TEXT)
+    print(f"pictures in {args.out}")
 
 
 def _cmd_bench(args) -> None:
@@ -180,8 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="binarize a model and distil it from the original")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
-    p.add_argument("--data", default=DEFAULT_DATA, help="wikitext2, c4, c4_wiki, calib or .txt/.jsonl/.json.gz files")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="wikitext2, c4, c4_wiki, calib or .txt/.jsonl/.json.gz files; teacher: text sampled from "
+                        "the teacher (cached); teacher+SOURCE: both")
     _add_data_dir(p)
+    p.add_argument("--teacher-samples", type=int, default=1024, help="teacher-written sequences (default 1024)")
+    p.add_argument("--teacher-seq-len", type=int, default=None, help="their length in tokens (default: --seq-len)")
+    p.add_argument("--teacher-temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy")
+    p.add_argument("--teacher-batch-size", type=int, default=64, help="sequences generated at once")
     p.add_argument("--out", default="runs/binarymos", help="run directory (checkpoint, log, model)")
     p.add_argument("--method", default="mos", choices=["mos"], help="mos: BinaryMoS (E=1 is OneBit)")
     p.add_argument("--num-experts", "-E", type=int, default=4, help="scaling experts per layer (1 = OneBit)")
@@ -203,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-reduction", choices=["token", "batchmean"], default=None)
     p.add_argument("--hidden-norm", choices=["teacher", "none"], default=None)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
+    p.add_argument("--router-init-std", type=float, default=0.02, help="std of the routers' normal init")
+    p.add_argument("--ste-clip", type=float, default=1.0, help="sign gradient passes where |w| <= this")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")
@@ -223,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(perplexity is then skipped unless --ppl is given)")
     p.add_argument("--task-path", default=None, help="a folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--sign", action="store_true", help="evaluate the static sign baseline of the model instead")
     p.set_defaults(func=_cmd_eval, ppl=None)
 
     p = verbs.add_parser("pack", help="write a real 1-bit model directory (signs 8 per byte, 16-bit scales)")
@@ -241,10 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", nargs="?", default=None, help="a packed (or any safetensors) model directory")
     p.add_argument("--config", default=None,
                    help="a config.json, a model directory, or llama-7b, llama-13b, llama-2-7b, llama-2-13b, "
-                        "llama-3-8b, mistral-7b, qwen2.5-7b")
+                        "llama-3-8b, mistral-7b, qwen2.5-7b, qwen2.5-14b, llama-2-70b")
     p.add_argument("--num-experts", "-E", type=int, default=None, help="BinaryMoS experts (default: the pack's, or 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_footprint)
+
+    p = verbs.add_parser("plan", help="memory per GPU of a (multi-GPU) distillation run, and whether it fits")
+    p.add_argument("--config", required=True, help="a built-in name (as for footprint), a config.json or a directory")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the student and teacher are sharded over (FSDP2)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch (--batch-size of train)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes) or 80GiB")
+    p.add_argument("--num-experts", "-E", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_plan)
 
     p = verbs.add_parser("generate", help="continue a prompt with a packed (or any) model")
     p.add_argument("model", help="a packed directory (or any model binarymos eval takes)")
@@ -255,6 +330,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.set_defaults(func=_cmd_generate)
+
+    p = verbs.add_parser("compare", help="several methods at one token budget: perplexity, tokens, minutes, bytes")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
+    p.add_argument("--methods", default="fp,sign,onebit,mos2,mos4,mos8",
+                   help="fp, sign (no training), onebit (E=1), mosN (BinaryMoS, N experts); default: all of the paper's")
+    p.add_argument("--max-tokens", type=int, required=True, help="training budget of every trained method")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training text, as for train (teacher, teacher+c4_wiki ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-args", default="", help='further train options for every run, e.g. "--recipe paper"')
+    _add_data_dir(p)
+    _add_eval_args(p, "wikitext2,c4")
+    p.add_argument("--device", default=None, help="cpu or cuda for every job (default: cuda if available)")
+    p.add_argument("--parallel", type=int, default=None, help="jobs at once (default: one per --gpus, else 1)")
+    p.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS of each job (default 4)")
+    p.add_argument("--gpus", default=None, help="GPU ids to spread the jobs over, e.g. 0,1,2,3 (one job each)")
+    p.add_argument("--deadline", type=float, default=float("inf"), help="seconds; jobs still running then are killed")
+    p.add_argument("--out", default="runs/compare", help="directory of the runs, compare.json and compare.md")
+    p.set_defaults(func=_cmd_compare)
+
+    p = verbs.add_parser("analyze", help="PNGs of a trained run: gating scores, token-adaptive scales, loss curves")
+    p.add_argument("run", help="a run directory (or a trained model directory)")
+    p.add_argument("--out", required=True, help="directory for gates.png, scales.png, loss.png, analyze.json")
+    p.add_argument("--layers", default=None,
+                   help="block indices (each block's first binarized layer) or patterns of layer names, "
+                        "comma-separated (default: first, middle and last block)")
+    p.add_argument("--text", default=None, help="the sentence to route (default: a sentence about Paris)")
+    p.set_defaults(func=_cmd_analyze)
 
     p = verbs.add_parser("bench", help="GPU benchmarks: one layer against fp16 cuBLAS, and end-to-end decoding")
     p.add_argument("--out", default="bench", help="directory for linear_latency.md and decode.md (default: bench)")

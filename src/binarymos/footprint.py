@@ -30,6 +30,11 @@ BUILTIN_CONFIGS = {
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                        num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama-2-70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
 }
 GB, GIB = 10**9, 2**30
 

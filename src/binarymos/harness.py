@@ -18,7 +18,8 @@ def zero_shot(model, tokenizer, tasks: list[str], include_path: str | None = Non
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
-        raise ImportError("zero-shot tasks need lm-evaluation-harness 0.4: pip install 'lm_eval>=0.4'") from err
+        raise ImportError(f"zero-shot tasks need lm-evaluation-harness 0.4 with its HF wrapper ({err}): "
+                          "pip install 'lm_eval[hf]>=0.4'") from err
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -17,17 +17,18 @@ from torch import nn
 
 
 class _SignSTE(torch.autograd.Function):
-    """sign with sign(0) = +1 forward; clipped straight-through gradient (|w| <= 1) backward."""
+    """sign with sign(0) = +1 forward; clipped straight-through gradient (|w| <= clip) backward."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, clip: float) -> torch.Tensor:
         ctx.save_for_backward(weight)
+        ctx.clip = clip
         return binary_sign(weight)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad * (weight.abs() <= 1).to(grad.dtype)
+        return grad * (weight.abs() <= ctx.clip).to(grad.dtype), None
 
 
 def binary_sign(weight: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,8 @@ def binary_sign(weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight >= 0, 1.0, -1.0).to(weight.dtype)
 
 
-def sign_ste(weight: torch.Tensor) -> torch.Tensor:
-    return _SignSTE.apply(weight)
+def sign_ste(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
+    return _SignSTE.apply(weight, clip)
 
 
 def leading_singular_pair(matrix: torch.Tensor, iters: int = 100, tol: float = 1e-7):
@@ -70,6 +71,8 @@ class BinaryMoSLinear(nn.Module):
     straight-through estimator. ``num_experts=1`` is OneBit's dual-scale binarization (the
     router is then a constant and is skipped).
     """
+
+    ste_clip = 1.0  # the straight-through gradient passes where |w| <= ste_clip (a training setting, not saved)
 
     def __init__(self, in_features: int, out_features: int, num_experts: int = 4, bias: bool = False,
                  device=None, dtype=None):
@@ -114,7 +117,7 @@ class BinaryMoSLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s_in, s_out = self.token_scales(x)
-        y = F.linear(x * s_in, sign_ste(self.weight).to(x.dtype)) * s_out
+        y = F.linear(x * s_in, sign_ste(self.weight, self.ste_clip).to(x.dtype)) * s_out
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -213,21 +216,9 @@ class PackedBinaryMoSLinear(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            from .kernels import binary_mos_linear
+        from .kernels import binary_mos_linear  # Triton on CUDA, the plain formula elsewhere
 
-            return binary_mos_linear(x, self.packed_weight, self.router, self.scale_in, self.scale_out, self.bias)
-        return self.reference_forward(x)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain PyTorch: the formula of SPEC.md on the unpacked signs."""
-        if self.num_experts == 1:
-            s_in, s_out = self.scale_in[0].to(x.dtype), self.scale_out[0].to(x.dtype)
-        else:
-            g = torch.softmax(F.linear(x, self.router.to(x.dtype)).float(), dim=-1)
-            s_in, s_out = (g @ self.scale_in.float()).to(x.dtype), (g @ self.scale_out.float()).to(x.dtype)
-        y = F.linear(x * s_in, unpack_signs(self.packed_weight, self.in_features, x.dtype)) * s_out
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return binary_mos_linear(x, self.packed_weight, self.router, self.scale_in, self.scale_out, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

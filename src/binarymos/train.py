@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from . import distributed
 from .convert import BinaryMoSConfig, binarize
 from .data import DEFAULT_DATA, documents, token_blocks
 from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
+from .synth import as_blocks, split_data, teacher_tokens
 
 RECIPES = {
     "default": dict(lr_weight=2e-4, lr_scale=1e-2, kl_reduction="token", hidden_weight=1.0,
@@ -74,6 +76,16 @@ class TrainConfig:
     grad_checkpointing: bool | None = None  # None: on for CUDA
     device: str | None = None
     resume: bool = False
+    # teacher-written text (data "teacher" or "teacher+SOURCE"; binarymos.synth)
+    teacher_samples: int = 1024
+    teacher_seq_len: int | None = None  # None: seq_len
+    teacher_temperature: float = 1.0
+    teacher_batch_size: int = 64
+    # recipe levers (defaults keep the measured recipe)
+    train_norms: bool = False       # also train the norms' weights, at lr_scale
+    router_init_std: float = 0.02
+    ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
+    compile: bool = False           # torch.compile the student and the teacher
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -85,14 +97,18 @@ class TrainConfig:
             raise ValueError(f"kl_reduction must be 'token' or 'batchmean', got {self.kl_reduction!r}")
         if self.hidden_norm not in ("teacher", "none"):
             raise ValueError(f"hidden_norm must be 'teacher' or 'none', got {self.hidden_norm!r}")
-        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "save_every"):
+        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "save_every", "teacher_samples",
+                    "teacher_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
+            raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
-def _diverged(what: str, step: int, ckpt_path: Path) -> TrainingDivergedError:
-    kept = ckpt_path if ckpt_path.exists() else "none (no checkpoint was written yet)"
+def _diverged(what: str, step: int, out: Path) -> TrainingDivergedError:
+    found = distributed.latest_checkpoint(out)
+    kept = found[0] if found else "none (no checkpoint was written yet)"
     return TrainingDivergedError(f"{what} at step {step}: training stopped before the update; "
                                  f"the last good checkpoint is {kept}")
 
@@ -139,20 +155,28 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
 
 
 def param_groups(student, cfg: TrainConfig) -> list[dict]:
-    """Latent weights at lr_weight; scales, router and biases of the binarized layers at lr_scale."""
+    """Latent weights at lr_weight; scales, router and biases of the binarized layers (and, with
+    train_norms, the weights of every RMSNorm/LayerNorm) at lr_scale."""
     weights, scales = [], []
     for module in student.modules():
         if isinstance(module, BinaryMoSLinear):
             weights.append(module.weight)
             scales += [module.scale_in, module.scale_out] + ([module.router.weight] if module.num_experts > 1 else [])
             scales += [module.bias] if module.bias is not None else []
+        elif cfg.train_norms and "Norm" in type(module).__name__:
+            scales += list(module.parameters(recurse=False))
     return [{"params": weights, "lr": cfg.lr_weight, "base_lr": cfg.lr_weight, "weight_decay": cfg.weight_decay},
             {"params": scales, "lr": cfg.lr_scale, "base_lr": cfg.lr_scale, "weight_decay": 0.0}]
 
 
-def batch_indices(step: int, micro: int, cfg: TrainConfig, num_blocks: int) -> torch.Tensor:
-    """Block indices of one micro-batch: epochs of seeded permutations, a pure function of the position."""
-    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+def batch_indices(step: int, micro: int, cfg: TrainConfig, num_blocks: int, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """Block indices of one micro-batch: epochs of seeded permutations, a pure function of the position.
+
+    Micro-batch ``micro`` of ``rank`` is slice micro * world_size + rank of the step's global batch, so
+    W ranks with grad_accum A see the micro-batches of one process with grad_accum A * W.
+    """
+    start = ((step * cfg.grad_accum + micro) * world_size + rank) * cfg.batch_size
     positions = torch.arange(start, start + cfg.batch_size)
     out = torch.empty_like(positions)
     for epoch in positions.div(num_blocks, rounding_mode="floor").unique().tolist():
@@ -162,38 +186,58 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, num_blocks: int) -> t
     return out
 
 
-def total_steps(cfg: TrainConfig, num_blocks: int) -> int:
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+def total_steps(cfg: TrainConfig, num_blocks: int, world_size: int = 1) -> int:
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * cfg.seq_len
     if cfg.max_steps is not None:
         return cfg.max_steps
     if cfg.max_tokens is not None:
         return max(1, math.ceil(cfg.max_tokens / tokens_per_step))
-    return max(1, math.ceil(cfg.epochs * num_blocks / (cfg.batch_size * cfg.grad_accum)))
+    return max(1, math.ceil(cfg.epochs * num_blocks / (cfg.batch_size * cfg.grad_accum * world_size)))
 
 
 def _trainable_state(student) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in student.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, student, optimizer, step: int, cfg: TrainConfig) -> None:
-    """Atomic: a temporary file renamed over the old checkpoint, so a kill never leaves a torn one."""
+def save_checkpoint(out: Path, student, optimizer, step: int, cfg: TrainConfig,
+                    env: distributed.Env = distributed.Env()) -> None:
+    """Atomic: a temporary file renamed over the old checkpoint, so a kill never leaves a torn one.
+
+    One process writes ``checkpoint.pt``; FSDP ranks a sharded directory (distributed.save_checkpoint).
+    """
+    if env.distributed:
+        return distributed.save_checkpoint(out, student, optimizer, step, cfg, env)
+    path = out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "trainable": _trainable_state(student), "optimizer": optimizer.state_dict(),
                 "config": asdict(cfg)}, tmp)
     os.replace(tmp, path)
 
 
-def prepare(cfg: TrainConfig):
-    """(teacher, student, tokenizer, blocks) on cfg.device: the frozen teacher and its binarized copy."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    docs = documents(cfg.data, "train", cfg.data_dir)  # bad data fails before the model loads
+def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
+    """(teacher, student, tokenizer, blocks) on cfg.device (or sharded over env's ranks): the frozen
+    teacher and its binarized copy."""
+    env = env or distributed.Env(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    device = env.device
+    real, from_teacher = split_data(cfg.data)
+    docs = documents(real, "train", cfg.data_dir) if real else []  # bad data fails before the model loads
     teacher, tokenizer = load_model(cfg.model, dtype=torch.float32)
-    blocks = token_blocks(tokenizer, docs, cfg.seq_len)
+    blocks = [token_blocks(tokenizer, docs, cfg.seq_len)] if real else []
     torch.manual_seed(cfg.seed)
-    student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method))
+    student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
+                                                               router_init_std=cfg.router_init_std))
+    for layer in student.modules():
+        if isinstance(layer, BinaryMoSLinear):
+            layer.ste_clip = cfg.ste_clip
     teacher.requires_grad_(False).eval()
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
+    if from_teacher:  # sampled on the training device, before the teacher is compiled
+        ids = teacher_tokens(teacher.to(device), tokenizer, cfg.model, cfg.teacher_samples,
+                             cfg.teacher_seq_len or cfg.seq_len, cfg.teacher_temperature, cfg.seed,
+                             cfg.teacher_batch_size)
+        blocks.append(as_blocks(ids, cfg.seq_len))
+    blocks = torch.cat(blocks)
     student.requires_grad_(False)
     for group in param_groups(student, cfg):
         for p in group["params"]:
@@ -203,38 +247,40 @@ def prepare(cfg: TrainConfig):
         enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
-    return teacher.to(device), student.to(device), tokenizer, blocks
+    teacher, student = distributed.place(env, teacher, student)
+    if cfg.compile:  # in place, so parameter names (checkpoints, save_pretrained) stay as they are
+        teacher.compile()
+        student.compile()
+    return teacher, student, tokenizer, blocks
 
 
 def train(cfg: TrainConfig):
-    """Run (or resume) a distillation; returns the trained student."""
-    out = Path(cfg.out)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    if not cfg.resume and ckpt_path.exists():
+    """Run (or resume) a distillation; returns the trained student. Under torchrun: this rank's FSDP shard of it."""
+    env = distributed.init(cfg.device)
+    out, log_path = Path(cfg.out), Path(cfg.out) / "log.jsonl"
+    found = distributed.latest_checkpoint(out)
+    if cfg.resume and found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not cfg.resume and found is not None:
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or choose another --out")
-    teacher, student, tokenizer, blocks = prepare(cfg)
-    device = next(student.parameters()).device
+    teacher, student, tokenizer, blocks = prepare(cfg, env)
+    device = env.device
     groups = param_groups(student, cfg)
     if cfg.method == "sign" or not groups[0]["params"]:
         raise ValueError("the static sign baseline has nothing to train; evaluate it directly")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
-    steps = total_steps(cfg, len(blocks))
+    start = distributed.load_checkpoint(found[0], student, optimizer, cfg, env) if cfg.resume else 0
+    steps = total_steps(cfg, len(blocks), env.world_size)
     warmup_steps = max(1, round(cfg.warmup * steps))
-    start = 0
-    if cfg.resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if env.is_main:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     student.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distil", unit="step", dynamic_ncols=True)
-    with open(log_path, "a") as log:
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distil", unit="step", dynamic_ncols=True,
+               disable=not env.is_main)
+    with open(log_path if env.is_main else os.devnull, "a") as log:  # one log: rank 0's
         t0, tokens_seen = time.perf_counter(), 0
         for step in bar:
             for group in optimizer.param_groups:
@@ -242,21 +288,21 @@ def train(cfg: TrainConfig):
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
             terms = {"loss": 0.0, "kl": 0.0, "hidden": 0.0}
             for micro in range(cfg.grad_accum):
-                ids = blocks[batch_indices(step, micro, cfg, len(blocks))].to(device)
+                ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                 with torch.no_grad(), autocast:
                     t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
                 with autocast:
                     s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
                 loss, parts = distillation_loss(s_out, t_out, cfg)
-                if not torch.isfinite(loss):
-                    raise _diverged(f"loss is {loss.item()}", step, ckpt_path)
+                values = env.mean({"loss": loss.item(), **parts})  # every rank stops together on a NaN
+                if not math.isfinite(values["loss"]):
+                    raise _diverged(f"loss is {values['loss']}", step, out)
                 (loss / cfg.grad_accum).backward()
-                terms["loss"] += loss.item() / cfg.grad_accum
-                for key in parts:
-                    terms[key] += parts[key] / cfg.grad_accum
+                for key in values:
+                    terms[key] += values[key] / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
             if not torch.isfinite(grad_norm):
-                raise _diverged(f"gradient norm is {grad_norm.item()}", step, ckpt_path)
+                raise _diverged(f"gradient norm is {grad_norm.item()}", step, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += tokens_per_step
@@ -271,18 +317,24 @@ def train(cfg: TrainConfig):
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
                                 tok_s=f"{rate:.0f}")
             if done % cfg.save_every == 0 or done == steps:
-                save_checkpoint(ckpt_path, student, optimizer, done, cfg)
+                save_checkpoint(out, student, optimizer, done, cfg, env)
     bar.close()
-    save_model(student, tokenizer, out / "model")
+    state = distributed.full_state_dict(env, student)
+    if env.is_main:
+        save_model(student, tokenizer, out / "model", state)
+    env.barrier()
     return student
 
 
-def save_model(student, tokenizer, directory: Path) -> None:
-    """The trained binarized model (latent weights, scales, router), as a Hugging Face directory."""
+def save_model(student, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
+    """The trained binarized model (latent weights, scales, router), as a Hugging Face directory.
+
+    state_dict: the whole model's, gathered from FSDP shards (None: the model's own).
+    """
     getattr(student, "activation_checkpointing_disable", student.gradient_checkpointing_disable)()
     student.config.use_cache = True
     tmp = directory.with_name(directory.name + ".tmp")
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
         import shutil

@@ -5,27 +5,31 @@ Two paths, each two launches at most:
 decode (M <= 16 tokens)
     1. ``_router_kernel``: partial router logits x @ router.T of one K-chunk per program, fp32.
        Skipped with one expert. Short and fully parallel: no program waits for a whole row.
-    2. ``_decode_kernel``: one program per BLOCK_N output rows reads its packed signs once.
-       It sums the logit partials and takes the softmax (G), mixes s_in = G @ scale_in on the fly,
-       and runs the product on the tensor cores with the 16 token rows as the dot's M side.
-       The signs are never unpacked through memory. A byte holds inputs 8g..8g+7; instead of
-       reshaping the bits (a layout change that would send a 16-bit tile through shared memory),
-       the K loop runs 8 "phases": phase j takes bit j of every byte of the tile (a shift, a mask
-       and an xor build the 16-bit +-1 in registers, the tile keeps its shape) against the
-       activations at inputs 8g + j. The epilogue applies s_out = G @ scale_out and the bias.
+    2. ``_decode_kernel``: program (n, s) takes BLOCK_N output rows and the s-th share of K, and
+       reads those packed bytes once. It sums the logit partials and takes the softmax (G), mixes
+       s_in = G @ scale_in on the fly and runs the product on the tensor cores, the (up to) 16
+       tokens as the dot's M side. The signs are never unpacked through memory: a byte holds
+       inputs 8g..8g+7, and instead of reshaping the bits (a layout change that would send a
+       16-bit tile through shared memory) the step runs 8 "phases": phase j takes bit j of every
+       byte of the tile (inline PTX turns 4 bytes into 4 16-bit +-1 in 6 instructions, the tile
+       keeps its shape) against the activations at inputs 8g + j. The last program of a column
+       block to finish sums the K shares and applies s_out = G @ scale_out and the bias.
 
 prefill (M > 16)
-    1. ``_prep_kernel``: per block of rows, the router logits over the whole input, the gates,
-       and xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
-    2. ``_prefill_kernel``: a tiled GEMM over xs whose B tile is unpacked from the packed bytes in
-       registers (8 bits per byte, reshaped to BLOCK_K x BLOCK_N) and fed to tl.dot; same epilogue.
+    1. ``_prep_kernel``: per row, the router logits over the whole input, the gates, and
+       xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
+    2. ``_prefill_kernel``: a tiled GEMM over xs, computed transposed so that the signs, unpacked
+       from the packed bytes in registers, are the register operand of Hopper's wgmma; same epilogue.
 
 Numbers follow the reference: s_in and s_out are rounded to x's dtype, x * s_in is rounded to
 x's dtype, products accumulate in fp32. Router logits stay fp32 (the reference rounds them to
-x's dtype first), a difference far below the dtype's resolution after the softmax.
+x's dtype first), a difference far below the dtype's resolution after the softmax; for 2..16
+tokens s_in is mixed in TF32 (see _mix_dot).
 
 No host synchronisation and no data-dependent shapes: CUDA graphs capture both paths, and under
-torch.compile the layer is the opaque custom op ``binarymos::binary_mos_linear``.
+torch.compile the layer is the opaque custom op ``binarymos::binary_mos_linear``. The split-K
+arrival counts are one buffer per device, so two decode calls must not run concurrently on
+different streams of one device.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
 DECODE_PROGRAMS, MAX_SPLIT = 1024, 16  # decode programs to aim for (132 SMs on an H100); K splits at most
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
-PREP_BLOCK_M, PREP_BLOCK_K = 4, 512
+PREP_BLOCK_M, PREP_BLOCK_K = 1, 1024  # many short programs: the two passes over K are latency-bound
 NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80}  # -1.0; xor with 0x8000 gives +1.0
 
 
@@ -373,9 +377,10 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out.view(M, N)
+    if M == 0:
+        return y.reshape(*x.shape[:-1], N)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter
     common = dict(E=E, E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None)
-
     bias = y if bias is None else bias  # an unread placeholder pointer when there is no bias
     if M <= DECODE_MAX_M:
         cfg = dict(config or decode_config(M, N, in_features))

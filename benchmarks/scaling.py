@@ -1,0 +1,173 @@
+"""Issue 6's measurements on a 2-GPU machine: FSDP2 throughput, loss-curve match, kill-and-resume, planner.
+
+    python benchmarks/scaling.py --out $OUT                       # everything (about 15 minutes on 2 H200)
+    python benchmarks/scaling.py --out $OUT --only smollm2        # or: llama7b, resume
+
+For each model (smollm2-135m; a LLaMA-2-7B-shaped model with random weights, --layers of its 32
+blocks and SmolLM2's tokenizer) it distils --steps steps on 1 GPU (a plain process, batch b x
+grad_accum 2) and on 2 GPUs (torchrun, batch b per GPU): the same global batch, seed and data, so the
+loss curves should agree. Every run records torch.cuda.max_memory_allocated per rank next to the
+planner's estimate (binarymos.plan). ``resume`` kills a 2-GPU smollm2 run after its first checkpoint
+and resumes it in one process. Results: OUT/scaling.json and OUT/scaling.md.
+
+Targets (issue 6): 2-GPU tokens/s >= 1.8x 1-GPU; loss curves match within noise; the resumed run
+finishes; the planner within 15 % of every measured peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP_STEPS = 3  # left out of tokens/s: allocator warm-up, first all-gathers
+
+
+def run_one(args) -> None:
+    """One training run in this process (or this torchrun rank); writes peak-rank{R}.json into the run."""
+    import torch
+
+    from binarymos import train as train_mod
+    from binarymos.footprint import load_config
+    from binarymos.plan import count, estimate
+    from binarymos.train import TrainConfig, train
+
+    cfg = TrainConfig(**json.loads(args.config))
+    if args.kill_after_first_checkpoint:
+        real_save = train_mod.save_checkpoint
+
+        def save_then_die(*a, **kw):
+            real_save(*a, **kw)
+            raise KeyboardInterrupt
+
+        train_mod.save_checkpoint = save_then_die
+    cuda = torch.cuda.is_available()  # a CPU smoke test of this script records no peaks
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        train(cfg)
+    except KeyboardInterrupt:
+        pass
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    model_dir = cfg.model if Path(cfg.model).is_dir() else None
+    planned = None
+    if model_dir:
+        result = estimate(count(load_config(model_dir), cfg.num_experts), world, cfg.seq_len, cfg.batch_size)
+        planned = result["total_checkpointed" if cfg.grad_checkpointing is not False else "total"]
+    (Path(cfg.out) / f"peak-rank{rank}.json").write_text(json.dumps(
+        {"max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else 0, "planned": planned, "world_size": world}))
+
+
+def model_dir(name: str, layers: int, work: Path) -> str:
+    """A Hugging Face directory for the planner and for train: smollm2-135m as HF, or a random LLaMA-2-7B shape."""
+    from binarymos.models import load_model
+
+    target = work / (name if name != "llama7b" else f"llama-2-7b-{layers}l")
+    if (target / "config.json").exists():
+        return str(target)
+    model, tokenizer = load_model("smollm2-135m")
+    if name == "llama7b":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from binarymos.footprint import load_config
+
+        config = load_config("llama-2-7b")
+        config.num_hidden_layers, config.vocab_size = layers, len(tokenizer)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def launch(cfg: dict, gpus: int, kill: bool = False) -> None:
+    cmd = [str(Path(__file__)), "run", "--config", json.dumps(cfg)] + (["--kill-after-first-checkpoint"] if kill else [])
+    if gpus == 1:
+        cmd = [sys.executable] + cmd
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd
+        env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    print("+", " ".join(cmd[:6]), "...", cfg["out"], flush=True)
+    subprocess.run(cmd, env=env, check=True)
+
+
+def read_run(out: Path) -> dict:
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    first = log[min(WARMUP_STEPS, len(log) - 2)]
+    rate = (log[-1]["tokens"] - first["tokens"]) / (log[-1]["time"] - first["time"])
+    peaks = [json.loads(p.read_text()) for p in sorted(out.glob("peak-rank*.json"))]
+    return {"tokens_per_s": round(rate, 1), "loss": [r["loss"] for r in log], "steps": [r["step"] for r in log],
+            "peaks_gb": [round(p["max_memory_allocated"] / 1e9, 3) for p in peaks],
+            "planned_gb": round(peaks[0]["planned"] / 1e9, 3) if peaks and peaks[0]["planned"] else None}
+
+
+def compare(name: str, one: dict, two: dict) -> dict:
+    diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(two["loss"], one["loss"])]
+    planner = [p / r["planned_gb"] - 1 for r in (one, two) for p in r["peaks_gb"] if r["planned_gb"]]
+    return {"model": name, "one_gpu": one, "two_gpus": two,
+            "speedup": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
+            "loss_max_rel_diff": round(max(diffs), 5), "loss_mean_rel_diff": round(sum(diffs) / len(diffs), 5),
+            "planner_error_max": round(max(planner, key=abs), 3) if planner else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb")
+    run = sub.add_parser("run")
+    run.add_argument("--config", required=True)
+    run.add_argument("--kill-after-first-checkpoint", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench"))
+    parser.add_argument("--only", default="smollm2,llama7b,resume")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--layers", type=int, default=8, help="decoder blocks of the LLaMA-2-7B shape (of 32)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    args = parser.parse_args()
+    if args.verb == "run":
+        return run_one(args)
+    out = Path(args.out)
+    work = Path(os.environ.get("BINARYMOS_BENCH_WORK", "/tmp/binarymos-scaling"))
+    results_path = out / "scaling.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    batch = {"smollm2": 4, "llama7b": 1}
+    for name in [n for n in args.only.split(",") if n in batch]:
+        base = dict(model=model_dir(name, args.layers, work), data="calib", seq_len=args.seq_len,
+                    batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
+        for gpus, accum in ((1, 2), (2, 1)):
+            launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
+        results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))
+    if "resume" in args.only:
+        base = dict(model=model_dir("smollm2", args.layers, work), data="calib", seq_len=args.seq_len, batch_size=4,
+                    max_steps=12, save_every=6, num_experts=4, out=str(work / "resume"))
+        launch(dict(base, grad_accum=1), 2, kill=True)
+        launch(dict(base, grad_accum=1, resume=True), 1)  # grad_accum becomes 2: the global batch is kept
+        run = read_run(work / "resume")
+        results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
+    out.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2))
+    (out / "scaling.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | tokens/s 1 GPU | tokens/s 2 GPUs | speedup | loss max rel diff | peak GB 1 / 2 GPUs "
+             "| planned GB 1 / 2 | planner error |", "|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in (v for k, v in results.items() if k != "resume"):
+        one, two = r["one_gpu"], r["two_gpus"]
+        lines.append(f"| {r['model']} | {one['tokens_per_s']:,.0f} | {two['tokens_per_s']:,.0f} | {r['speedup']:.2f}x "
+                     f"| {r['loss_max_rel_diff']:.2e} | {one['peaks_gb']} / {two['peaks_gb']} "
+                     f"| {one['planned_gb']} / {two['planned_gb']} | {r['planner_error_max']} |")
+    if "resume" in results:
+        lines.append(f"\nkill on 2 GPUs after step 6, resume on 1: steps {results['resume']['steps']}, "
+                     f"finished: {results['resume']['finished']}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

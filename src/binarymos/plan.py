@@ -1,0 +1,172 @@
+"""`binarymos plan`: the memory per GPU of a distillation run, from a model config alone.
+
+Parameters are counted exactly on a meta-device copy of the model binarized like train.py does it
+(which layers are trained comes from ``train.param_groups``). Per GPU, with W GPUs, a micro-batch
+of B sequences of L tokens (T = B*L) per GPU, n decoder layers, hidden size h, vocabulary V and
+a = 2 bytes per activation (bf16):
+
+    weights      4 * P_student / W        fp32 master: latent weights, scales, router, frozen embeddings/norms/head
+    gradients    4 * P_train / W
+    adamw        8 * P_train / W          exp_avg and exp_avg_sq in fp32
+    teacher      2 * P_teacher / W        bf16, frozen
+    gathered     2 * P_root  (+ for W > 1: 2*2*Pb_student + 2*2*Pb_teacher + 6*Pb_train)
+                 the student's root unit (embeddings, LM head) in bf16 from forward to backward; FSDP2's
+                 units in flight: this and the prefetched block of each model in bf16, one block's bf16
+                 gradients and their fp32 reduce-scatter copy
+    activations  no checkpointing:  T * n * A  +  2 * P_binarized          (A per token per layer, below)
+                 checkpointing:     T * n * a * h  +  T * A  +  2 * P_binarized / n
+                 2 * P_binarized: sign(W) in bf16, saved by every binarized matmul for its backward, unsharded
+    logits       T * V * 3a  +  3 * 4 * min(T, 4096) * V     student and teacher logits, the student's
+                 logit gradient, one float32 chunk of the KL (train.kl_sum) recomputed in backward
+    hidden       T * h * (a * (n + 1) + 8 * n)               teacher hidden states, float32 copies in the MSE
+
+    A = a * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
+      + sum over linears of 2a * (in + out) + 4E     s_in, x*s_in, output before s_out, s_out, gates
+      + 8h                                two RMSNorms in float32
+      + a * (2h + 2kv) + 4 * heads        attention (flash/SDPA): q, k, v, output, log-sum-exp
+      + 3a * i                            MLP: gate output, its SiLU, up output
+
+GB = 10^9 bytes. The estimate is what ``torch.cuda.max_memory_allocated`` should report; the CUDA
+context and NCCL buffers come on top, so a run "fits" when the estimate is at most 90 % of the GPU.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+GB = 10**9
+FIT_FRACTION = 0.9
+KL_CHUNK = 4096  # train.kl_sum
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """Parameter counts of a teacher and its binarized student (largest block for the per-block terms)."""
+
+    teacher: int
+    student: int
+    trainable: int
+    binarized: int          # sum of in * out over the binarized linears
+    block_teacher: int
+    block_student: int
+    block_trainable: int
+    root_student: int       # outside the decoder blocks: embeddings, final norm, LM head
+    linears: tuple          # (in, out) of one block's binarized linears
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int                 # key/value width: kv heads * head dim
+    heads: int
+    vocab: int
+    num_experts: int
+
+
+def count(config, num_experts: int = 4) -> ModelCounts:
+    """Exact parameter counts, from meta-device models (no memory, any Hugging Face decoder)."""
+    from transformers import AutoModelForCausalLM
+
+    from .convert import BinaryMoSConfig, binarize, decoder_blocks
+    from .nn import BinaryMoSLinear
+    from .train import TrainConfig, param_groups
+
+    numel = lambda module: sum(p.numel() for p in module.parameters())
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+        student = binarize(AutoModelForCausalLM.from_config(config), BinaryMoSConfig(num_experts=num_experts),
+                           from_weights=False)
+    trainable = {p for g in param_groups(student, TrainConfig(num_experts=num_experts)) for p in g["params"]}
+    blocks = decoder_blocks(student)[1]
+    block = max(blocks, key=numel)
+    linears = tuple((m.in_features, m.out_features) for m in block.modules() if isinstance(m, BinaryMoSLinear))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelCounts(
+        teacher=numel(teacher), student=numel(student), trainable=sum(p.numel() for p in trainable),
+        binarized=len(blocks) * sum(i * o for i, o in linears),
+        block_teacher=max(numel(b) for b in decoder_blocks(teacher)[1]), block_student=numel(block),
+        block_trainable=sum(p.numel() for p in block.parameters() if p in trainable),
+        root_student=numel(student) - sum(numel(b) for b in blocks), linears=linears, layers=len(blocks),
+        hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads, vocab=text.vocab_size,
+        num_experts=num_experts)
+
+
+def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2) -> int:
+    """A: bytes autograd keeps per token per decoder layer for the backward (see the module docstring)."""
+    h, i, e = c.hidden, c.intermediate, c.num_experts
+    linears = sum(2 * a * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
+    return a * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * a * i
+
+
+def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2) -> dict:
+    """Bytes per GPU of each term, and the totals with and without gradient checkpointing."""
+    w, t, n = gpus, batch * seq_len, c.layers
+    per_layer = activation_bytes_per_token_layer(c, a)
+    gathered = a * c.root_student
+    if w > 1:
+        gathered += 2 * a * c.block_student + 2 * teacher_bytes * c.block_teacher + 6 * c.block_trainable
+    terms = {
+        "weights": 4 * c.student / w,
+        "gradients": 4 * c.trainable / w,
+        "adamw": 8 * c.trainable / w,
+        "teacher": teacher_bytes * c.teacher / w,
+        "gathered": gathered,
+        "logits": t * c.vocab * 3 * a + 3 * 4 * min(t, KL_CHUNK) * c.vocab,
+        "hidden": t * c.hidden * (a * (n + 1) + 8 * n),
+        "activations": t * n * per_layer + a * c.binarized,
+        "activations_checkpointed": t * n * a * c.hidden + t * per_layer + a * c.binarized // n,
+    }
+    fixed = sum(v for k, v in terms.items() if not k.startswith("activations"))
+    return {"terms": {k: int(v) for k, v in terms.items()},
+            "total": int(fixed + terms["activations"]),
+            "total_checkpointed": int(fixed + terms["activations_checkpointed"])}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (10^9), '80GiB' (2^30) or a plain number of GB."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--gpu-memory: {text!r} is not like 80GB or 80GiB")
+    unit = 2**30 if (match.group(2) or "").lower() == "gib" else GB
+    return int(float(match.group(1)) * unit)
+
+
+def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int = 80 * GB,
+         num_experts: int = 4) -> dict:
+    from .footprint import load_config
+
+    if min(gpus, seq_len, batch, num_experts) < 1:
+        raise ValueError("plan: --gpus, --seq-len, --batch and --num-experts must be >= 1")
+    counts = count(load_config(config_name), num_experts)
+    result = estimate(counts, gpus, seq_len, batch)
+    limit = FIT_FRACTION * gpu_memory
+    return {"config": config_name, "gpus": gpus, "seq_len": seq_len, "batch_per_gpu": batch,
+            "num_experts": num_experts, "gpu_memory": gpu_memory, "parameters": {
+                "teacher": counts.teacher, "student": counts.student, "trainable": counts.trainable},
+            **result, "fits": result["total"] <= limit, "fits_checkpointed": result["total_checkpointed"] <= limit,
+            # every rank builds both models in host memory before sharding them (train.prepare)
+            "host_memory_per_rank_at_load": 4 * (counts.teacher + counts.student)}
+
+
+def format_plan(p: dict) -> str:
+    gb = lambda v: f"{v / GB:,.2f}"
+    rows = [("student weights (fp32 master)", "weights"), ("gradients (fp32)", "gradients"),
+            ("AdamW state (fp32 x2)", "adamw"), ("teacher (bf16, frozen)", "teacher"),
+            ("gathered units (FSDP2, bf16)", "gathered"), ("logits and KL chunk", "logits"),
+            ("hidden states (MSE term)", "hidden"), ("activations, no checkpointing", "activations"),
+            ("activations, checkpointing", "activations_checkpointed")]
+    params = p["parameters"]
+    lines = [f"plan for {p['config']}: {p['gpus']} GPU(s), {p['batch_per_gpu']} x {p['seq_len']} tokens per GPU, "
+             f"E={p['num_experts']}; teacher {params['teacher'] / 1e9:.2f}B parameters, "
+             f"student trains {params['trainable'] / 1e9:.2f}B", "| per GPU | GB |", "|---|---:|"]
+    lines += [f"| {label} | {gb(p['terms'][key])} |" for label, key in rows]
+    limit = FIT_FRACTION * p["gpu_memory"]
+    for label, key, fit in (("total, gradient checkpointing", "total_checkpointed", "fits_checkpointed"),
+                            ("total, no checkpointing", "total", "fits")):
+        verdict = "fits" if p[fit] else "does NOT fit"
+        lines.append(f"| **{label}** | **{gb(p[key])}** ({verdict} in {gb(limit)} = 90 % of {gb(p['gpu_memory'])}) |")
+    lines.append(f"host memory per rank while loading: {gb(p['host_memory_per_rank_at_load'])} GB")
+    return "\n".join(lines)

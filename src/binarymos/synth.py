@@ -1,0 +1,115 @@
+"""Training text sampled from the teacher itself (as OneBit and LLM-QAT did), cached on disk.
+
+Real text runs out (about 1.3 M tokens offline); the teacher can write as much as the budget asks.
+Each sequence starts with a token drawn uniformly from the vocabulary (special tokens excluded)
+and continues with tokens sampled from softmax(logits / temperature); temperature 0 is greedy.
+
+All randomness comes from one table of uniforms, ``torch.rand(count, seq_len)`` of a CPU generator
+seeded with ``seed``: column 0 picks the first token, column t the t-th sampled token by inverse
+CDF. So sequence i depends on (model, seed, temperature, length) only, not on the batch it was
+generated in, and a plain loop can reproduce it (tests/test_synth.py does).
+
+``--data teacher`` trains on these sequences alone; ``--data teacher+c4_wiki`` adds real text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import DataError
+from .models import _cache_dir, resolve
+
+TEACHER = "teacher"
+
+
+def split_data(name: str) -> tuple[str, bool]:
+    """("c4_wiki", True) for "teacher+c4_wiki": the real sources, and whether teacher text is wanted."""
+    parts = name.split("+")
+    real = [p for p in parts if p != TEACHER]
+    if not all(parts) or len(parts) - len(real) > 1:
+        raise DataError(f"bad data {name!r}: use SOURCE, teacher, or teacher+SOURCE")
+    return ",".join(real), len(real) < len(parts)
+
+
+def first_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """The ids a sequence may start with: the tokenizer's, less its special tokens, within the model's vocabulary."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(min(len(tokenizer), vocab_size)) if i not in special])
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row, the first id whose cumulative probability exceeds u."""
+    cdf = probs.cumsum(-1)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1).to(cdf.dtype))
+    return ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0, seed: int = 0,
+           batch_size: int = 64) -> torch.Tensor:
+    """(count, seq_len) token ids written by ``model``, batch by batch on its device, with a KV cache."""
+    if count < 1 or seq_len < 2 or temperature < 0 or batch_size < 1:
+        raise ValueError("teacher text needs count >= 1, seq_len >= 2, temperature >= 0 and batch size >= 1")
+    device = next(model.parameters()).device
+    uniforms = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    starts = first_token_ids(tokenizer, model.config.get_text_config().vocab_size)
+    out = torch.empty(count, seq_len, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    for lo in range(0, count, batch_size):
+        u = uniforms[lo:lo + batch_size].to(device)
+        ids = starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1)
+        seqs, cache = [ids], None
+        for t in range(1, seq_len):
+            result = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache, logits = result.past_key_values, result.logits[:, -1].float()
+            if temperature == 0:
+                ids = logits.argmax(-1, keepdim=True)
+            else:
+                ids = pick(torch.softmax(logits / temperature, -1), u[:, t]).unsqueeze(1)
+            seqs.append(ids)
+        out[lo:lo + batch_size] = torch.cat(seqs, 1).cpu()
+    model.train(was_training)
+    return out
+
+
+def cache_path(model_name: str, count: int, seq_len: int, temperature: float, seed: int, dtype: torch.dtype) -> Path:
+    """Where the sequences of one setting live: $BINARYMOS_CACHE/teacher/<model>-<hash of the setting>.pt."""
+    source = resolve(model_name)
+    key = {"model": str(Path(source).resolve()) if isinstance(source, Path) else source, "count": count,
+           "seq_len": seq_len, "temperature": float(temperature), "seed": seed, "dtype": str(dtype), "version": 1}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return _cache_dir() / "teacher" / f"{Path(str(model_name)).name}-{digest}.pt"
+
+
+def teacher_tokens(model, tokenizer, model_name: str, count: int, seq_len: int, temperature: float = 1.0,
+                   seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """``sample``'s sequences, read from the cache when this setting was generated before, else generated and cached.
+
+    The cache file is written to a temporary name and renamed, so a killed or concurrent run never
+    leaves a torn file. The key includes the model's dtype (bf16 on a GPU samples other text than fp32).
+    """
+    dtype = next(model.parameters()).dtype
+    path = cache_path(model_name, count, seq_len, temperature, seed, dtype)
+    if path.exists():
+        return torch.load(path, weights_only=True)["ids"].long()
+    ids = sample(model, tokenizer, count, seq_len, temperature, seed, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"ids": ids.to(torch.int32), "model": model_name, "temperature": temperature, "seed": seed}, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+def as_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Generated sequences as (N, seq_len) training blocks: as they are when their length is seq_len, else
+    concatenated and cut (the teacher then sees the same joined context the student does)."""
+    flat = ids.flatten()
+    n = len(flat) // seq_len
+    if n == 0:
+        raise DataError(f"only {len(flat)} teacher tokens: not one block of {seq_len}")
+    return flat[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,55 @@
+"""`binarymos analyze` on a tiny trained run: decodable PNGs and gating scores equal to softmax(x W_R)."""
+import json
+
+import pytest
+import torch
+
+from binarymos.cli import main
+from binarymos.models import load_model
+from binarymos.train import TrainConfig, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyze") / "run"
+    train(TrainConfig(model=str(teacher_dir), data=str(text_file), out=str(out), seq_len=32, batch_size=2,
+                      max_steps=6, num_experts=2, lr_scale=5e-2, device="cpu", save_every=100))
+    return out
+
+
+def test_analyze_draws_readable_pngs_and_the_gates_of_the_chosen_layers(run_dir, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "pictures"
+    text = "The cat sat."
+    assert main(["analyze", str(run_dir), "--out", str(out), "--layers", "0,*.1.mlp.down_proj", "--text", text]) == 0
+    for name in ("gates.png", "scales.png", "loss.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+        pixels = imread(out / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 0.05
+    summary = json.loads((out / "analyze.json").read_text())
+    assert summary["tokens"] == list(text) and summary["log_records"] == 6
+    assert list(summary["gates"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    # block 0's q_proj reads the first norm of the embeddings: its gates computed here, apart from the model's forward
+    model, tokenizer = load_model(str(run_dir / "model"))
+    block = model.model.layers[0]
+    with torch.no_grad():
+        x = block.input_layernorm(model.model.embed_tokens(torch.tensor(tokenizer(text)["input_ids"])))
+        expected = torch.softmax(x @ block.self_attn.q_proj.router.weight.T, -1)
+    torch.testing.assert_close(torch.tensor(summary["gates"]["model.layers.0.self_attn.q_proj"]), expected)
+    assert all(v["s_in"] > 0 and v["s_out"] > 0 for v in summary["relative_spread"].values())
+
+
+@pytest.mark.parametrize("layers, message", [("7", "block 7 out of range"), ("*.nothing", "no BinaryMoS layer")])
+def test_bad_layers_are_one_line_errors(run_dir, tmp_path, capsys, layers, message):
+    assert main(["analyze", str(run_dir), "--out", str(tmp_path), "--layers", layers]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_model_without_binarymos_layers_is_refused(teacher_dir, tmp_path, capsys):
+    assert main(["analyze", str(teacher_dir), "--out", str(tmp_path)]) == 2
+    assert "no BinaryMoS layers" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""The memory planner against bytes counted on real tensors after a CPU step, and by hand for LLaMA-2-7B."""
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from binarymos import cli
+from binarymos.convert import BinaryMoSConfig, binarize
+from binarymos.footprint import load_config
+from binarymos.plan import GB, count, estimate, parse_bytes
+from binarymos.train import TrainConfig, distillation_loss, param_groups
+
+B, L, E = 2, 128, 2
+
+
+@pytest.fixture(scope="module")
+def step():
+    """A tiny LLaMA (GQA, SDPA) distilled one AdamW step in float32 on the CPU, with autograd's saved bytes."""
+    config = tiny_config("llama")
+    config.update(dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=256))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=E)).requires_grad_(False)
+    cfg = TrainConfig(num_experts=E)
+    groups = param_groups(student, cfg)
+    for p in (p for g in groups for p in g["params"]):
+        p.requires_grad_(True)
+    ids = torch.randint(0, 256, (B, L))
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, output_hidden_states=True)
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, _ = distillation_loss(student(input_ids=ids, output_hidden_states=True), t_out, cfg)
+    loss.backward()
+    optimizer = torch.optim.AdamW(groups)
+    optimizer.step()
+    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in params)
+    return config, student, optimizer, activations
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_weights_gradients_and_adamw_state_are_the_bytes_of_a_real_step(step):
+    config, student, optimizer, _ = step
+    terms = estimate(count(config, E), gpus=1, seq_len=L, batch=B, a=4, teacher_bytes=4)["terms"]
+    assert terms["weights"] == nbytes(student.parameters())
+    assert terms["gradients"] == nbytes(p.grad for p in student.parameters() if p.grad is not None)
+    moments = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert terms["adamw"] == nbytes(moments)
+    assert estimate(count(config, E), gpus=4, seq_len=L, batch=B)["terms"]["adamw"] == nbytes(moments) / 4
+
+
+def test_activations_are_within_15_percent_of_what_autograd_saves(step):
+    config, _, _, measured = step
+    terms = estimate(count(config, E), gpus=1, seq_len=L, batch=B, a=4, teacher_bytes=4)["terms"]
+    student_logits = B * L * config.vocab_size * 4  # of the planner's logits term, the one autograd saves
+    planned = terms["activations"] + terms["hidden"] + student_logits
+    assert abs(planned - measured) / measured < 0.15, (planned, measured)
+
+
+def test_llama_2_7b_parameters_by_hand():
+    h, m, layers, vocab = 4096, 11008, 32, 32000
+    linears = [(h, h)] * 4 + [(h, m), (h, m), (m, h)]  # q k v o, gate up, down as (in, out)
+    latent = layers * sum(i * o for i, o in linears)
+    extras = layers * sum(E * (i + o) + E * i for i, o in linears)  # scales in and out, router
+    teacher = latent + 2 * vocab * h + (2 * layers + 1) * h
+    c = count(load_config("llama-2-7b"), E)
+    assert (c.teacher, c.trainable, c.student, c.binarized) == (teacher, latent + extras, teacher + extras, latent)
+    plan8 = estimate(c, gpus=8, seq_len=2048, batch=1)
+    assert plan8["terms"]["adamw"] == 8 * (latent + extras) // 8
+    assert plan8["total_checkpointed"] < plan8["total"] < estimate(c, gpus=1, seq_len=2048, batch=1)["total"]
+
+
+def test_plan_command_says_whether_it_fits(capsys):
+    assert cli.main(["plan", "--config", "llama-2-7b", "--gpus", "8", "--seq-len", "2048", "--batch", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "AdamW state" in table and "total, gradient checkpointing** | **" in table and "fits in 72.00" in table
+    assert cli.main(["plan", "--config", "llama-2-70b", "--gpus", "8", "--gpu-memory", "141GB"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert parse_bytes("80GB") == 80 * GB and parse_bytes("80GiB") == 80 * 2**30
+    assert cli.main(["plan", "--config", "llama-2-7b", "--gpu-memory", "lots"]) == 2

@@ -1,0 +1,67 @@
+"""Teacher-written training text: the batched, cached sampler against a plain loop; the disk cache; training on it."""
+import pytest
+import torch
+from pack_helpers import SPECIALS, tiny_lm, tiny_tokenizer
+
+from binarymos import synth
+from binarymos.data import DataError
+from binarymos.train import TrainConfig, prepare
+
+
+@torch.no_grad()
+def plain_sampling(model, count, seq_len, temperature, seed):
+    """The documented contract, one sequence at a time, the whole prefix through the model at every step."""
+    u = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    starts = list(range(len(SPECIALS), model.config.vocab_size))  # every id of the tiny tokenizer but its specials
+    rows = []
+    for i in range(count):
+        seq = [starts[int(u[i, 0] * len(starts))]]
+        for t in range(1, seq_len):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            if temperature == 0:
+                seq.append(int(logits.argmax()))
+            else:
+                cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+                seq.append(int((cdf < u[i, t] * cdf[-1]).sum()))  # first id whose cumulative mass reaches u
+        rows.append(seq)
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batched_sampling_with_a_cache_equals_a_plain_loop(temperature):
+    model = tiny_lm("llama")
+    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2)
+    assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7))
+
+
+def test_second_call_reads_the_cache_and_the_key_holds_the_setting(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
+    model, tokenizer = tiny_lm("llama"), tiny_tokenizer()
+    first = synth.teacher_tokens(model, tokenizer, str(teacher_dir), 4, 10, temperature=1.0, seed=3)
+    files = list((tmp_path / "teacher").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pt"  # no temporary file left behind
+
+    def no_sampling(*args, **kwargs):
+        raise RuntimeError("sampled again")
+
+    monkeypatch.setattr(synth, "sample", no_sampling)
+    assert torch.equal(synth.teacher_tokens(model, tokenizer, str(teacher_dir), 4, 10, temperature=1.0, seed=3), first)
+    for other in [dict(temperature=0.5, seed=3), dict(temperature=1.0, seed=4)]:
+        with pytest.raises(RuntimeError, match="sampled again"):
+            synth.teacher_tokens(model, tokenizer, str(teacher_dir), 4, 10, **other)
+
+
+def test_training_data_is_real_text_then_the_teachers(teacher_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
+    base = dict(model=str(teacher_dir), seq_len=16, device="cpu", out=str(tmp_path / "run"))
+    real = prepare(TrainConfig(data=str(text_file), **base))[3]
+    mixed = prepare(TrainConfig(data=f"teacher+{text_file}", teacher_samples=6, teacher_seq_len=24, **base))[3]
+    assert torch.equal(mixed[:len(real)], real)
+    # 6 sequences of 24 tokens joined and cut into 9 blocks of 16
+    assert torch.equal(mixed[len(real):].reshape(6, 24), plain_sampling(tiny_lm("llama"), 6, 24, 1.0, seed=0))
+
+
+@pytest.mark.parametrize("name", ["teacher+teacher", "teacher+", "+c4"])
+def test_bad_data_names_are_refused(name):
+    with pytest.raises(DataError, match="bad data"):
+        synth.split_data(name)
