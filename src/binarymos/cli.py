@@ -60,9 +60,8 @@ def _report(cfg, args, run_training) -> None:
 
     from .convert import BinaryMoSConfig, binarize
     from .eval import perplexity
-    from .models import load_model
 
-    teacher, tokenizer = load_model(cfg.model)
+    teacher, tokenizer = _load_for_inference(cfg.model, cfg.device)  # on the training device
     evaluate = lambda m: {s: perplexity(m, tokenizer, s, args.eval_seq_len, args.eval_windows, cfg.data_dir)
                           for s in args.ppl}
     rows = {"full precision": evaluate(teacher),

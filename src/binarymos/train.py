@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -337,7 +338,5 @@ def save_model(student, tokenizer, directory: Path, state_dict: dict | None = No
     student.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if directory.exists():
-        import shutil
-
         shutil.rmtree(directory)
     os.replace(tmp, directory)
