@@ -3,7 +3,6 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from binarymos.data import DataError, documents, eval_windows, token_blocks
 from conftest import SHARED_DATA

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from types import SimpleNamespace
 
 from binarymos import train as train_mod

@@ -103,12 +103,9 @@ def model_config(name: str):
     """The Hugging Face config of a model name binarymos.models.load_model takes."""
     from transformers import AutoConfig
 
-    from .models import _gguf_as_hf_dir, resolve
+    from .models import loadable
 
-    source = resolve(name)
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        source = _gguf_as_hf_dir(source)
-    return AutoConfig.from_pretrained(str(source))
+    return AutoConfig.from_pretrained(str(loadable(name)))
 
 
 def _collect(name: str, run, model: str, out: Path, status: tuple[int, float], cache: dict) -> dict:

@@ -72,13 +72,18 @@ def _gguf_as_hf_dir(gguf: Path) -> Path:
     return target
 
 
+def loadable(name: str) -> Path | str:
+    """What transformers' from_pretrained takes for ``name``: a directory (a .gguf is dequantized into a
+    cached one) or a hub id."""
+    source = resolve(name)
+    return _gguf_as_hf_dir(source) if isinstance(source, Path) and source.suffix == ".gguf" else source
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) for a hub id, a local directory, a .gguf file or an alias such as smollm2-135m."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve(name)
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        source = _gguf_as_hf_dir(source)
+    source = loadable(name)
     try:
         if isinstance(source, Path) and _binarymos_config(source) is not None:
             model = _load_binarized(source, dtype)
@@ -86,7 +91,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
     except OSError as err:
         raise ModelNotFoundError(f"{name}: cannot load a model ({str(err).splitlines()[0]})") from err
-    return model.to(device), load_tokenizer(name)
+    return model.to(device), AutoTokenizer.from_pretrained(str(source))
 
 
 def _binarymos_config(directory: Path) -> dict | None:
@@ -127,7 +132,4 @@ def _tied_keys(model) -> set[str]:
 def load_tokenizer(name: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
-    source = resolve(name)
-    if isinstance(source, Path) and source.suffix == ".gguf":
-        source = _gguf_as_hf_dir(source)
-    return AutoTokenizer.from_pretrained(str(source))
+    return AutoTokenizer.from_pretrained(str(loadable(name)))
