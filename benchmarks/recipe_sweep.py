@@ -38,6 +38,12 @@ VARIANTS = {
     "w1e-4_s1e-2_b2": ["--lr-weight", "1e-4", "--lr-scale", "1e-2", "--batch-size", "2"],
     "w1e-4_s2e-2_b2": ["--lr-weight", "1e-4", "--lr-scale", "2e-2", "--batch-size", "2"],
     "w2e-4_s1e-2_b2": ["--lr-weight", "2e-4", "--lr-scale", "1e-2", "--batch-size", "2"],
+    # issue 5's levers, each alone against "default"
+    "teacher": ["--data", "teacher+c4_wiki", "--teacher-samples", "512", "--teacher-batch-size", "256"],
+    "norms": ["--train-norms"],
+    "clip2": ["--ste-clip", "2"],
+    "router0.2": ["--router-init-std", "0.2"],
+    "lr4e-4": ["--lr-weight", "4e-4"],
 }
 
 

@@ -61,14 +61,15 @@ def run_one(args) -> None:
         {"max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else 0, "planned": planned, "world_size": world}))
 
 
-def model_dir(name: str, layers: int, work: Path) -> str:
-    """A Hugging Face directory for the planner and for train: smollm2-135m as HF, or a random LLaMA-2-7B shape."""
+def model_dir(name: str, layers: int, work: Path, source: str = "smollm2-135m") -> str:
+    """A Hugging Face directory for the planner and for train: smollm2-135m (from ``source``, any name
+    load_model takes) as HF, or a random LLaMA-2-7B shape with its tokenizer."""
     from binarymos.models import load_model
 
     target = work / (name if name != "llama7b" else f"llama-2-7b-{layers}l")
     if (target / "config.json").exists():
         return str(target)
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model(source)
     if name == "llama7b":
         import torch
         from transformers import AutoModelForCausalLM
@@ -89,7 +90,8 @@ def launch(cfg: dict, gpus: int, kill: bool = False) -> None:
     cmd = [str(Path(__file__)), "run", "--config", json.dumps(cfg)] + (["--kill-after-first-checkpoint"] if kill else [])
     if gpus == 1:
         cmd = [sys.executable] + cmd
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible[0])  # the 2-GPU runs' first GPU
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd
         env = dict(os.environ)
@@ -124,7 +126,8 @@ def main() -> None:
     run.add_argument("--config", required=True)
     run.add_argument("--kill-after-first-checkpoint", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench"))
-    parser.add_argument("--only", default="smollm2,llama7b,resume")
+    parser.add_argument("--only", default="smollm2,resume,llama7b")
+    parser.add_argument("--model", default="smollm2-135m", help="where smollm2-135m comes from (e.g. a .gguf path)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--layers", type=int, default=8, help="decoder blocks of the LLaMA-2-7B shape (of 32)")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -136,23 +139,29 @@ def main() -> None:
     results_path = out / "scaling.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     batch = {"smollm2": 4, "llama7b": 1}
-    for name in [n for n in args.only.split(",") if n in batch]:
-        base = dict(model=model_dir(name, args.layers, work), data="calib", seq_len=args.seq_len,
-                    batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
-        for gpus, accum in ((1, 2), (2, 1)):
-            launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
-        results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))
-    if "resume" in args.only:
-        base = dict(model=model_dir("smollm2", args.layers, work), data="calib", seq_len=args.seq_len, batch_size=4,
-                    max_steps=12, save_every=6, num_experts=4, out=str(work / "resume"))
-        launch(dict(base, grad_accum=1), 2, kill=True)
-        launch(dict(base, grad_accum=1, resume=True), 1)  # grad_accum becomes 2: the global batch is kept
-        run = read_run(work / "resume")
-        results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
-    out.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(results, indent=2))
-    (out / "scaling.md").write_text(markdown(results))
+    for name in args.only.split(","):  # in the order given; each one's results are written as soon as they exist
+        if name == "resume":
+            base = dict(model=model_dir("smollm2", args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
+                        batch_size=4, max_steps=12, save_every=6, num_experts=4, out=str(work / "resume"))
+            launch(dict(base, grad_accum=1), 2, kill=True)
+            launch(dict(base, grad_accum=1, resume=True), 1)  # grad_accum becomes 2: the global batch is kept
+            run = read_run(work / "resume")
+            results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
+        else:
+            base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
+                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
+            for gpus, accum in ((1, 2), (2, 1)):
+                launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
+            results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))
+        write(out, results)
+    write(out, results)
     print(markdown(results))
+
+
+def write(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(results, indent=2))
+    (out / "scaling.md").write_text(markdown(results))
 
 
 def markdown(results: dict) -> str:
