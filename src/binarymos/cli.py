@@ -44,37 +44,50 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> None:
+    from . import distributed
     from .train import train
 
     cfg = _train_config(args)
+    env = distributed.init(cfg.device)
     if args.ppl:
-        _report(cfg, args, lambda: train(cfg))
+        _report(cfg, args, env, lambda: train(cfg))
     else:
         train(cfg)
-    print(f"saved {Path(cfg.out) / 'model'}")
+    if env.is_main:
+        print(f"saved {Path(cfg.out) / 'model'}")
 
 
-def _report(cfg, args, run_training) -> None:
-    """Perplexity of the full-precision model, the static sign baseline, the student before and after."""
+def _report(cfg, args, env, run_training) -> None:
+    """Perplexity of the full-precision model, the static sign baseline, the student before and after.
+
+    Under torchrun rank 0 evaluates alone, the trained student as saved in RUN/model, while the others wait.
+    """
     import copy
 
     from .convert import BinaryMoSConfig, binarize
     from .eval import perplexity
 
-    teacher, tokenizer = _load_for_inference(cfg.model, cfg.device)  # on the training device
-    evaluate = lambda m: {s: perplexity(m, tokenizer, s, args.eval_seq_len, args.eval_windows, cfg.data_dir)
-                          for s in args.ppl}
-    rows = {"full precision": evaluate(teacher),
-            "static sign": evaluate(binarize(copy.deepcopy(teacher), BinaryMoSConfig(method="sign")))}
-    if not cfg.resume:
-        init = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts))
-        rows[f"{_label(cfg)} before training"] = evaluate(init)
-        del init
-    del teacher
+    rows = {}
+    if env.is_main:
+        teacher, tokenizer = _load_for_inference(cfg.model, str(env.device))  # on the training device
+        evaluate = lambda m: {s: perplexity(m, tokenizer, s, args.eval_seq_len, args.eval_windows, cfg.data_dir)
+                              for s in args.ppl}
+        rows = {"full precision": evaluate(teacher),
+                "static sign": evaluate(binarize(copy.deepcopy(teacher), BinaryMoSConfig(method="sign")))}
+        if not cfg.resume:
+            init = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts))
+            rows[f"{_label(cfg)} before training"] = evaluate(init)
+            del init
+        del teacher
+    env.barrier()
     student = run_training()
-    rows[f"{_label(cfg)} trained"] = evaluate(student.float())
-    _print_table(rows, args.ppl)
-    (Path(cfg.out) / "results.json").write_text(json.dumps(rows, indent=2))
+    if env.is_main:
+        if env.distributed:  # this rank holds a shard of the student
+            student = _load_for_inference(str(Path(cfg.out) / "model"), str(env.device))[0]
+        rows[f"{_label(cfg)} trained"] = evaluate(student.float())
+        _print_table(rows, args.ppl)
+        (Path(cfg.out) / "results.json").write_text(json.dumps(rows, indent=2))
+    env.barrier()
 
 
 def _label(cfg) -> str:

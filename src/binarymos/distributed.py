@@ -14,6 +14,10 @@ How the work is split over W ranks:
   blocks are all-gathered in bf16 and gradients reduce-scattered in fp32.
 - teacher: frozen and sharded the same way, always (one code path; at 7B a replicated bf16
   teacher would cost 13.5 GB per GPU), all-gathered block by block in its forward.
+- loading: only rank 0 reads the weights, binarizes, samples the teacher's text and evaluates; the
+  other ranks build both models on the meta device and receive their shards (and the text) from
+  rank 0, so only host 0 ever holds a whole model. They wait for it in a collective, hence the long
+  process-group timeout.
 - checkpoints: torch.distributed.checkpoint (DCP) directories ``checkpoints/step-00000042``, written
   under a ``.tmp`` name and renamed once complete, so a kill never leaves a torn one. DCP reshards
   on load: a checkpoint of 2 ranks resumes on 1 (a plain process) or on 4. A plain process's
@@ -28,17 +32,22 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from .convert import decoder_blocks
 
 TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights come from the teacher
+# the other ranks wait for rank 0 alone to load, sample the teacher's text, evaluate: NCCL's default is 10 min
+TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,24 @@ class Env:
         if self.distributed:
             dist.barrier()
 
+    def from_main(self, obj):
+        """Rank 0's ``obj`` on every rank (pickled; the other ranks pass None); ``obj`` in one process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+
+@contextmanager
+def main_first(env: Env):
+    """Rank 0 runs the block, then the other ranks (which may read what it wrote: a converted .gguf)."""
+    if not env.is_main:
+        env.barrier()
+    yield
+    if env.is_main:
+        env.barrier()
+
 
 def init(device: str | None = None) -> Env:
     """The process group of a torchrun / accelerate launch (NCCL on CUDA, gloo for ``device="cpu"``).
@@ -83,7 +110,7 @@ def init(device: str | None = None) -> Env:
     if not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None, timeout=TIMEOUT)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Env(int(os.environ["RANK"]), world_size, dev)
 
@@ -91,8 +118,11 @@ def init(device: str | None = None) -> Env:
 def place(env: Env, teacher, student):
     """Both models on env.device: moved whole in one process, sharded per decoder block under FSDP2.
 
-    fully_shard moves each unit to the device as it shards it, so a model larger than one GPU never
-    has to fit on one. The roots reshard after forward: the teacher has no backward to do it.
+    Under FSDP2 rank 0 holds the weights and the other ranks meta-device models (train.prepare): each
+    model is sharded, the other ranks allocate their empty shards, and rank 0's full state dict is
+    broadcast into every rank's shards. fully_shard moves each unit to the device as it shards it, so a
+    model larger than one GPU never has to fit on one. The roots reshard after forward: the teacher has
+    no backward to do it.
     """
     if not env.distributed:
         return teacher.to(env.device), student.to(env.device)
@@ -104,9 +134,15 @@ def place(env: Env, teacher, student):
     for model, policy in ((teacher, MixedPrecisionPolicy()),  # already bf16 on CUDA (train.prepare)
                           (student, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                            if bf16 else MixedPrecisionPolicy())):
+        full = model.state_dict() if env.is_main else {}
         for block in decoder_blocks(model)[1]:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=model is teacher)
+        if not env.is_main:
+            model.to_empty(device=env.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # the non-persistent ones (rotary inv_freq ...) are in no state dict
+            dist.broadcast(buffer, src=0)
     return teacher, student
 
 

@@ -80,12 +80,18 @@ def loadable(name: str) -> Path | str:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer) for a hub id, a local directory, a .gguf file or an alias such as smollm2-135m."""
+    """(model, tokenizer) for a hub id, a local directory, a .gguf file or an alias such as smollm2-135m.
+
+    On the meta device: the architecture only, no weights read (FSDP ranks receive theirs from rank 0).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = loadable(name)
     try:
-        if isinstance(source, Path) and _binarymos_config(source) is not None:
+        if torch.device(device).type == "meta":
+            with torch.device("meta"):
+                model = _architecture(source, dtype).eval()
+        elif isinstance(source, Path) and _binarymos_config(source) is not None:
             model = _load_binarized(source, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
@@ -102,16 +108,22 @@ def _binarymos_config(directory: Path) -> dict | None:
     return config.get("binarymos")
 
 
-def _load_binarized(directory: Path, dtype: torch.dtype):
-    """A model saved by `binarymos train`: the architecture from its config, binarized, then its weights."""
-    from safetensors.torch import load_file
+def _architecture(source: Path | str, dtype: torch.dtype):
+    """The model ``source``'s config describes, with fresh weights; binarized when it is a trained binarymos model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .convert import BinaryMoSConfig, binarize
 
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    binarize(model, BinaryMoSConfig(**_binarymos_config(directory)), from_weights=False)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)), dtype=dtype)
+    binarized = isinstance(source, Path) and _binarymos_config(source)
+    return binarize(model, BinaryMoSConfig(**binarized), from_weights=False) if binarized else model
+
+
+def _load_binarized(directory: Path, dtype: torch.dtype):
+    """A model saved by `binarymos train`: the architecture from its config, binarized, then its weights."""
+    from safetensors.torch import load_file
+
+    model = _architecture(directory, dtype)
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(file))

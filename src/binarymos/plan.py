@@ -147,8 +147,9 @@ def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int 
             "num_experts": num_experts, "gpu_memory": gpu_memory, "parameters": {
                 "teacher": counts.teacher, "student": counts.student, "trainable": counts.trainable},
             **result, "fits": result["total"] <= limit, "fits_checkpointed": result["total_checkpointed"] <= limit,
-            # every rank builds both models in host memory before sharding them (train.prepare)
-            "host_memory_per_rank_at_load": 4 * (counts.teacher + counts.student)}
+            # rank 0 builds both models in host memory (fp32) before sharding them; the other ranks build
+            # them on the meta device and receive their shards on the GPU (train.prepare, distributed.place)
+            "host_memory_rank0_at_load": 4 * (counts.teacher + counts.student)}
 
 
 def format_plan(p: dict) -> str:
@@ -168,5 +169,6 @@ def format_plan(p: dict) -> str:
                             ("total, no checkpointing", "total", "fits")):
         verdict = "fits" if p[fit] else "does NOT fit"
         lines.append(f"| **{label}** | **{gb(p[key])}** ({verdict} in {gb(limit)} = 90 % of {gb(p['gpu_memory'])}) |")
-    lines.append(f"host memory per rank while loading: {gb(p['host_memory_per_rank_at_load'])} GB")
+    lines.append(f"host memory while loading: {gb(p['host_memory_rank0_at_load'])} GB on rank 0 (the other ranks: "
+                 "their shards only, on the GPU)")
     return "\n".join(lines)

@@ -217,27 +217,33 @@ def save_checkpoint(out: Path, student, optimizer, step: int, cfg: TrainConfig,
 
 def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     """(teacher, student, tokenizer, blocks) on cfg.device (or sharded over env's ranks): the frozen
-    teacher and its binarized copy."""
+    teacher and its binarized copy.
+
+    Under FSDP only rank 0 loads the weights, binarizes and samples the teacher's text; the other ranks
+    build both models on the meta device and get their shards and the text from rank 0 (distributed.place).
+    """
     env = env or distributed.Env(device=torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     device = env.device
     real, from_teacher = split_data(cfg.data)
     docs = documents(real, "train", cfg.data_dir) if real else []  # bad data fails before the model loads
-    teacher, tokenizer = load_model(cfg.model, dtype=torch.float32)
+    with distributed.main_first(env):
+        teacher, tokenizer = load_model(cfg.model, dtype=torch.float32, device="cpu" if env.is_main else "meta")
     blocks = [token_blocks(tokenizer, docs, cfg.seq_len)] if real else []
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
-                                                               router_init_std=cfg.router_init_std))
+                                                               router_init_std=cfg.router_init_std),
+                       from_weights=env.is_main)
     for layer in student.modules():
         if isinstance(layer, BinaryMoSLinear):
             layer.ste_clip = cfg.ste_clip
     teacher.requires_grad_(False).eval()
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
-    if from_teacher:  # sampled on the training device, before the teacher is compiled
+    if from_teacher:  # sampled by rank 0 on its device, before the teacher is sharded and compiled
         ids = teacher_tokens(teacher.to(device), tokenizer, cfg.model, cfg.teacher_samples,
                              cfg.teacher_seq_len or cfg.seq_len, cfg.teacher_temperature, cfg.seed,
-                             cfg.teacher_batch_size)
-        blocks.append(as_blocks(ids, cfg.seq_len))
+                             cfg.teacher_batch_size) if env.is_main else None
+        blocks.append(as_blocks(env.from_main(ids), cfg.seq_len))
     blocks = torch.cat(blocks)
     student.requires_grad_(False)
     for group in param_groups(student, cfg):
