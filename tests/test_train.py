@@ -120,3 +120,21 @@ def test_bad_options_are_refused():
         TrainConfig(num_experts=0)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, teacher_dir):
+    from transformers import AutoConfig
+
+    from binarymos import distributed
+    from binarymos.plan import count, estimate
+    from binarymos.train import needs_grad_checkpointing
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    cfg = TrainConfig(model=str(teacher_dir), seq_len=32, batch_size=2)
+    need = estimate(count(config, cfg.num_experts), 1, 32, 2)["total"]
+    gpu = distributed.Env(device=torch.device("cuda", 0))
+    for memory, expected in ((need / 0.75 * 1.01, False), (need / 0.75 * 0.99, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, m=memory: SimpleNamespace(total_memory=m))
+        assert needs_grad_checkpointing(cfg, config, gpu) is expected
+    assert needs_grad_checkpointing(cfg, config, distributed.Env(device=torch.device("cpu"))) is False
+    assert needs_grad_checkpointing(TrainConfig(grad_checkpointing=True), config, distributed.Env()) is True
