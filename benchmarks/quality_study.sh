@@ -4,6 +4,7 @@
 #   bash benchmarks/quality_study.sh probe            # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
 #   bash benchmarks/quality_study.sh compare          # fp,sign,onebit,mos2,mos4,mos8 at 2 M tokens (GPUs 2,3)
 #   bash benchmarks/quality_study.sh budget MINUTES   # E=4 alone on GPU 0 for MINUTES of training, then eval
+#                                                     # (over 9 minutes: the same command again continues it)
 #   bash benchmarks/quality_study.sh levers           # paper recipe and one lever at a time, 2 M tokens (GPU 0)
 #
 # budget: a 30-step probe measures this GPU's tokens/s with the default recipe, the run gets
@@ -47,12 +48,25 @@ compare)
 budget)
     MINUTES=${2:?minutes of training}
     RUN="$W/budget-${MINUTES}min"
-    CUDA_VISIBLE_DEVICES=0 $TRAIN ${TRAIN_ARGS:-} --max-steps 30 --log-every 1 --out "$RUN-probe" > "$RUN-probe.log" 2>&1
-    TOKENS=$(python -c "print(int($(rate "$RUN-probe") * 60 * $MINUTES))")
-    echo "probe $(rate "$RUN-probe") tokens/s -> --max-tokens $TOKENS" | tee "$RUN.budget"
-    CUDA_VISIBLE_DEVICES=0 $TRAIN ${TRAIN_ARGS:-} --max-tokens "$TOKENS" --out "$RUN" > "$RUN.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$RUN/model" --ppl wikitext2,c4 --json "$RUN/eval.json" > "$RUN-eval.log" 2>&1
-    cat "$RUN/eval.json"; tail -n 1 "$RUN/log.jsonl"
+    if [ -f "$RUN/checkpoint.pt" ]; then  # the second call of a budget longer than one call: resume
+        TOKENS=$(python -c "import json; print(json.load(open('$RUN/train_config.json'))['max_tokens'])")
+        RESUME=--resume
+    else
+        CUDA_VISIBLE_DEVICES=0 $TRAIN ${TRAIN_ARGS:-} --max-steps 30 --log-every 1 --out "$RUN-probe" > "$RUN-probe.log" 2>&1
+        TOKENS=$(python -c "print(int($(rate "$RUN-probe") * 60 * $MINUTES))")
+        echo "probe $(rate "$RUN-probe") tokens/s -> --max-tokens $TOKENS" | tee "$RUN.budget"
+        RESUME=
+    fi
+    # a checkpoint about every minute; the run stops after TRAIN_SECONDS (default 9 min) and a second
+    # call of the same command on the same (warm) machine continues it
+    SAVE=$(( TOKENS / (MINUTES * 4 * 2048) + 1 ))
+    CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_SECONDS:-540}" $TRAIN ${TRAIN_ARGS:-} --max-tokens "$TOKENS" \
+        --save-every "$SAVE" --out "$RUN" $RESUME >> "$RUN.log" 2>&1
+    if [ -d "$RUN/model" ]; then
+        CUDA_VISIBLE_DEVICES=0 $BM eval --model "$RUN/model" --ppl wikitext2,c4 --json "$RUN/eval.json" > "$RUN-eval.log" 2>&1
+        cat "$RUN/eval.json"
+    fi
+    tail -n 1 "$RUN/log.jsonl"
     ;;
 levers)
     python benchmarks/recipe_sweep.py --model $M --variants "${LEVERS:-paper,teacher,norms,clip2,lr4e-4}" \
