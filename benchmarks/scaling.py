@@ -1,6 +1,6 @@
 """Issue 6's measurements on a 2-GPU machine: FSDP2 throughput, loss-curve match, kill-and-resume, planner.
 
-    python benchmarks/scaling.py --out $OUT                       # everything (about 15 minutes on 2 H200)
+    python benchmarks/scaling.py --out $OUT                       # everything (under 9.5 minutes on 2 H200)
     python benchmarks/scaling.py --out $OUT --only smollm2        # or: llama7b, resume
 
 For each model (smollm2-135m; a LLaMA-2-7B-shaped model with random weights, --layers of its 32
@@ -9,6 +9,9 @@ grad_accum 2) and on 2 GPUs (torchrun, batch b per GPU): the same global batch, 
 loss curves should agree. Every run records torch.cuda.max_memory_allocated per rank next to the
 planner's estimate (binarymos.plan). ``resume`` kills a 2-GPU smollm2 run after its first checkpoint
 and resumes it in one process. Results: OUT/scaling.json and OUT/scaling.md.
+
+Runs live in $BINARYMOS_BENCH_WORK (default /tmp/binarymos-scaling): a variant (--config-extra) needs
+its own, since a run directory is never overwritten.
 
 Targets (issue 6): 2-GPU tokens/s >= 1.8x 1-GPU; loss curves match within noise; the resumed run
 finishes; the planner within 15 % of every measured peak.
@@ -33,7 +36,8 @@ def run_one(args) -> None:
     from binarymos import train as train_mod
     from binarymos.footprint import load_config
     from binarymos.plan import count, estimate
-    from binarymos.train import TrainConfig, train
+    from binarymos.distributed import Env
+    from binarymos.train import TrainConfig, needs_grad_checkpointing, train
 
     cfg = TrainConfig(**json.loads(args.config))
     if args.kill_after_first_checkpoint:
@@ -55,8 +59,11 @@ def run_one(args) -> None:
     model_dir = cfg.model if Path(cfg.model).is_dir() else None
     planned = None
     if model_dir:
-        result = estimate(count(load_config(model_dir), cfg.num_experts), world, cfg.seq_len, cfg.batch_size)
-        planned = result["total_checkpointed" if cfg.grad_checkpointing is not False else "total"]
+        config = load_config(model_dir)
+        result = estimate(count(config, cfg.num_experts), world, cfg.seq_len, cfg.batch_size)
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        checkpointed = needs_grad_checkpointing(cfg, config, Env(rank, world, device))  # as train decided
+        planned = result["total_checkpointed" if checkpointed else "total"]
     (Path(cfg.out) / f"peak-rank{rank}.json").write_text(json.dumps(
         {"max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else 0, "planned": planned, "world_size": world}))
 
@@ -131,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--layers", type=int, default=8, help="decoder blocks of the LLaMA-2-7B shape (of 32)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--config-extra", default="{}",
+                        help='TrainConfig fields for every run, as JSON, e.g. \'{"batch_size": 8, "compile": true}\'')
     args = parser.parse_args()
     if args.verb == "run":
         return run_one(args)
@@ -149,7 +158,8 @@ def main() -> None:
             results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
         else:
             base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
-                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
+                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4,
+                        **json.loads(args.config_extra))
             for gpus, accum in ((1, 2), (2, 1)):
                 launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
             results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))
