@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Issue 5's GPU study, in steps that each fit one 10-minute call (docs/QUALITY.md, docs/RESULTS.md):
+# Issue 5's GPU study (docs/QUALITY.md, docs/RESULTS.md). Steps:
 #
-#   bash benchmarks/quality_study.sh probe            # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
-#   bash benchmarks/quality_study.sh compare          # fp,sign,onebit,mos2,mos4,mos8 at 2 M tokens (GPUs 2,3)
-#   bash benchmarks/quality_study.sh budget MINUTES   # E=4 alone on GPU 0 for MINUTES of training, then eval
-#                                                     # (over 9 minutes: the same command again continues it)
-#   bash benchmarks/quality_study.sh levers           # paper recipe and one lever at a time, 2 M tokens (GPU 0)
+#   bash benchmarks/quality_study.sh session      # 4 GPUs, ~23 minutes, detached (below); returns at once
+#   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
+#   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
+#   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
+#   bash benchmarks/quality_study.sh compare      # fp,sign,onebit,mos2,mos4,mos8 at 2 M tokens (GPUs 2,3)
+#   bash benchmarks/quality_study.sh levers       # paper recipe and one lever at a time, 2 M tokens (GPU 0)
 #
-# budget: a 30-step probe measures this GPU's tokens/s with the default recipe, the run gets
-# MINUTES x 60 x that many tokens, and `binarymos eval` scores the saved model afterwards (model loading
-# and evaluation are outside the budget; the run's log has its own training time). Extra `binarymos
-# train` options go in $TRAIN_ARGS. Work files in $W; results packed into $OUT/quality-<step>.tar.gz.
+# Budgets are minutes of the training loop (`train --max-minutes`: the schedule runs over that time;
+# loading and evaluation are outside it); `binarymos eval` scores each saved model afterwards. A run
+# that is stopped (SIGTERM) checkpoints, and the same command again resumes it.
+#
+# session: the machine's GPU time for one call is 10 minutes, so the session runs detached (setsid)
+# while `poll` calls keep the machine: GPU 3 trains E=4 for 20 minutes; GPUs 0-2 first compare batch
+# sizes at SWEEP_MINUTES (default 3.5), then train E=4, E=1 and the paper recipe for 10 minutes each
+# (LONG_MINUTES and SHORT_MINUTES change the 20 and the 10)
+# at the batch that won, then GPUs 1-2 run the 2-GPU scaling benchmark at batch 8 and GPU 0 times
+# teacher sampling. Work files in $W; results packed into $OUT/quality-<step>.tar.gz.
 set -uo pipefail
-STEP=${1:?probe, compare, budget or levers}
+STEP=${1:?session, poll, budget, probe, compare or levers}
 M=${M:-/tmp/smollm2.gguf}
 W=${W:-/tmp/quality}
 OUT=${OUT:-$W/out}
@@ -28,8 +35,103 @@ a, b = log[min(10, len(log) - 2)], log[-1]
 print(int((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])))
 EOF
 }
+timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES, then evaluate
+    local gpu=$1 run=$W/$2 minutes=$3
+    shift 3
+    if [ ! -d "$run/model" ]; then
+        local resume=
+        [ -f "$run/checkpoint.pt" ] && resume=--resume
+        CUDA_VISIBLE_DEVICES=$gpu $TRAIN --max-minutes "$minutes" "$@" --out "$run" $resume >> "$run.log" 2>&1
+    fi
+    if [ -d "$run/model" ] && [ ! -f "$run/eval.json" ]; then
+        CUDA_VISIBLE_DEVICES=$gpu $BM eval --model "$run/model" --ppl wikitext2,c4 --json "$run/eval.json" \
+            > "$run-eval.log" 2>&1
+    fi
+}
+best_batch() {  # the options of the sweep run with the lowest WikiText-2 perplexity (batch 8 if none finished)
+    python - "$W" <<'EOF'
+import json, sys
+from pathlib import Path
+options = {"b4": "--batch-size 4 --no-grad-checkpointing", "b8": "--batch-size 8 --no-grad-checkpointing",
+           "b16": "--batch-size 16 --grad-checkpointing"}
+scores = {}
+for name in options:
+    path = Path(sys.argv[1]) / f"sweep-{name}" / "eval.json"
+    if path.exists():
+        scores[name] = next(iter(json.loads(path.read_text()).values()))["wikitext2"]
+print(options[min(scores, key=scores.get)] if scores else options["b8"])
+EOF
+}
+pack() {
+    tar czf "$OUT/quality-$STEP.tar.gz" -C "$W" --exclude='*.pt' --exclude='model' --exclude='*.safetensors' \
+        --exclude='checkpoint*' --exclude='*.tmp' --exclude=code --exclude=scaling-work . 2>/dev/null
+}
 
 case $STEP in
+session)
+    if [ ! -f "$W/started" ]; then  # from a copy of the code: a later call may rewrite the checkout
+        touch "$W/started"
+        rm -rf "$W/code" && mkdir -p "$W/code" && cp -r src benchmarks "$W/code/"
+        PYTHONPATH="$W/code/src:${PYTHONPATH:-}" setsid nohup bash "$W/code/benchmarks/quality_study.sh" lanes \
+            > "$W/session.log" 2>&1 < /dev/null &
+    fi
+    echo "session running: $(cat "$W/session.log" 2>/dev/null | tail -n 3)"
+    ;;
+lanes)  # what `session` runs detached
+    python -c "from binarymos.models import loadable; loadable('$M')"  # the .gguf converted once, not per run
+    LONG=${LONG_MINUTES:-20} SHORT=${SHORT_MINUTES:-10}
+    timed_run 3 e4-${LONG}min "$LONG" --batch-size 8 --no-grad-checkpointing &
+    (
+        S=${SWEEP_MINUTES:-3.5}
+        timed_run 0 sweep-b4 "$S" --batch-size 4 --no-grad-checkpointing &
+        timed_run 1 sweep-b8 "$S" --batch-size 8 --no-grad-checkpointing &
+        timed_run 2 sweep-b16 "$S" --batch-size 16 --grad-checkpointing &
+        wait
+        BEST=$(best_batch)
+        echo "best batch: $BEST" > "$W/best.txt"
+        timed_run 0 e4-${SHORT}min "$SHORT" $BEST &
+        timed_run 1 e1-${SHORT}min "$SHORT" $BEST -E 1 &
+        timed_run 2 paper-${SHORT}min "$SHORT" $BEST --recipe paper &
+        wait
+        CUDA_VISIBLE_DEVICES=1,2 BINARYMOS_BENCH_WORK=$W/scaling-work python "$(dirname "$0")/scaling.py" --model "$M" \
+            --only smollm2 --steps 30 --out "$W/scaling-b8" \
+            --config-extra '{"batch_size": 8, "grad_checkpointing": false}' > "$W/scaling-b8.log" 2>&1 &
+        CUDA_VISIBLE_DEVICES=0 python - "$M" > "$W/teacher-sampling.txt" 2>&1 <<'EOF' &
+import sys, time, torch
+from binarymos.models import load_model
+from binarymos.synth import sample
+model, tokenizer = load_model(sys.argv[1], dtype=torch.bfloat16, device="cuda")
+for batch in (64, 256):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    ids = sample(model, tokenizer, batch, 2048, 1.0, 0, batch)
+    torch.cuda.synchronize(); s = time.perf_counter() - t
+    print(f"teacher sampling, batch {batch} x 2048 tokens: {s:.1f} s, {ids.numel() / s:,.0f} tokens/s")
+EOF
+        wait
+    ) &
+    wait
+    touch "$W/done"
+    ;;
+poll)
+    SECONDS_MAX=${2:-560}
+    for ((i = 0; i < SECONDS_MAX / 20; i++)); do
+        [ -f "$W/done" ] && break
+        sleep 20
+    done
+    [ -f "$W/done" ] && echo "session done" || echo "session still running"
+    cat "$W/best.txt" 2>/dev/null
+    for log in "$W"/*/log.jsonl; do
+        [ -f "$log" ] && echo "$(basename "$(dirname "$log")"): $(tail -n 1 "$log")"
+    done
+    for e in "$W"/*/eval.json; do [ -f "$e" ] && echo "$(basename "$(dirname "$e")"): $(cat "$e")"; done
+    tail -n 2 "$W"/*.log 2>/dev/null | tail -n 40
+    ;;
+budget)
+    MINUTES=${2:?minutes of training}
+    timed_run "${3:-0}" "budget-${MINUTES}min" "$MINUTES" ${TRAIN_ARGS:-}
+    cat "$W/budget-${MINUTES}min/eval.json" 2>/dev/null
+    tail -n 1 "$W/budget-${MINUTES}min/log.jsonl"
+    ;;
 probe)
     P="$TRAIN --max-steps 60 --log-every 1"
     CUDA_VISIBLE_DEVICES=0 $P --out "$W/probe-ckpt" --batch-size 2 --grad-checkpointing > "$W/probe-ckpt.log" 2>&1 &
@@ -45,29 +147,6 @@ compare)
         --gpus 2,3 --parallel 6 --threads 4 --deadline 530 --out "$W/cmp2M" > "$W/cmp2M.log" 2>&1
     cat "$W/cmp2M/compare.md"
     ;;
-budget)
-    MINUTES=${2:?minutes of training}
-    RUN="$W/budget-${MINUTES}min"
-    if [ -f "$RUN/checkpoint.pt" ]; then  # the second call of a budget longer than one call: resume
-        TOKENS=$(python -c "import json; print(json.load(open('$RUN/train_config.json'))['max_tokens'])")
-        RESUME=--resume
-    else
-        CUDA_VISIBLE_DEVICES=0 $TRAIN ${TRAIN_ARGS:-} --max-steps 30 --log-every 1 --out "$RUN-probe" > "$RUN-probe.log" 2>&1
-        TOKENS=$(python -c "print(int($(rate "$RUN-probe") * 60 * $MINUTES))")
-        echo "probe $(rate "$RUN-probe") tokens/s -> --max-tokens $TOKENS" | tee "$RUN.budget"
-        RESUME=
-    fi
-    # a checkpoint about every minute; the run stops after TRAIN_SECONDS (default 9 min) and a second
-    # call of the same command on the same (warm) machine continues it
-    SAVE=$(( TOKENS / (MINUTES * 4 * 2048) + 1 ))
-    CUDA_VISIBLE_DEVICES=0 timeout "${TRAIN_SECONDS:-540}" $TRAIN ${TRAIN_ARGS:-} --max-tokens "$TOKENS" \
-        --save-every "$SAVE" --out "$RUN" $RESUME >> "$RUN.log" 2>&1
-    if [ -d "$RUN/model" ]; then
-        CUDA_VISIBLE_DEVICES=0 $BM eval --model "$RUN/model" --ppl wikitext2,c4 --json "$RUN/eval.json" > "$RUN-eval.log" 2>&1
-        cat "$RUN/eval.json"
-    fi
-    tail -n 1 "$RUN/log.jsonl"
-    ;;
 levers)
     python benchmarks/recipe_sweep.py --model $M --variants "${LEVERS:-paper,teacher,norms,clip2,lr4e-4}" \
         --gpus 0 --parallel 6 --threads 4 --deadline 480 --out "$W/levers" > "$W/levers.log" 2>&1
@@ -75,5 +154,4 @@ levers)
     cat "$W/levers/compare.md"
     ;;
 esac
-tar czf "$OUT/quality-$STEP.tar.gz" -C "$W" --exclude='*.pt' --exclude='model' --exclude='*.safetensors' \
-    --exclude='checkpoint*' . 2>/dev/null
+[ "$STEP" = lanes ] || [ "$STEP" = session ] || pack

@@ -158,8 +158,8 @@ def main() -> None:
             results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
         else:
             base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
-                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4,
-                        **json.loads(args.config_extra))
+                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
+            base.update(json.loads(args.config_extra))
             for gpus, accum in ((1, 2), (2, 1)):
                 launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
             results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from binarymos.cli import main
 
@@ -55,3 +56,15 @@ def test_bad_arguments_are_one_line_errors(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("binarymos: error: ") and err.count("\n") == 1
+
+
+def test_train_stopped_by_sigterm_exits_143_with_one_line_and_keeps_the_step(teacher_dir, text_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    from test_train import sigterm_during_step
+
+    argv = ["train", "--model", str(teacher_dir), "--data", str(text_file), "--out", str(tmp_path / "run"),
+            "-E", "2", "--seq-len", "32", "--batch-size", "2", "--max-minutes", "0.5", "--device", "cpu"]
+    sigterm_during_step(monkeypatch, 0)
+    code, _, err = run(capsys, *argv)
+    assert code == 143 and err.splitlines()[-1].startswith("binarymos: stopped by SIGTERM after step 1; ")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1

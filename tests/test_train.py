@@ -1,13 +1,16 @@
-"""Distillation: the loss against its formula, a falling loss, determinism, kill-and-resume, NaN stop."""
+"""Distillation: the loss against its formula, a falling loss, determinism, kill-and-resume, NaN stop,
+a time budget, SIGTERM."""
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 from types import SimpleNamespace
 
 from binarymos import train as train_mod
-from binarymos.train import TrainConfig, TrainingDivergedError, distillation_loss, lr_factor, train
+from binarymos.train import TrainConfig, TrainingDivergedError, TrainingStopped, distillation_loss, lr_factor, train
 
 
 def cfg(teacher_dir, text_file, out, **kw):
@@ -89,6 +92,58 @@ def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teache
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def sigterm_during_step(monkeypatch, step):
+    """SIGTERM to this process while step ``step`` (0-based) computes its loss."""
+    real_loss, calls = train_mod.distillation_loss, {"n": 0}
+
+    def loss_then_signal(*args):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_mod, "distillation_loss", loss_then_signal)
+
+
+def test_sigterm_saves_the_finished_step_and_resume_reaches_the_same_weights(teacher_dir, text_file, tmp_path,
+                                                                             monkeypatch):
+    full = trainable(train(cfg(teacher_dir, text_file, tmp_path / "full", save_every=100)))
+    sigterm_during_step(monkeypatch, 3)
+    with pytest.raises(TrainingStopped, match="after step 4.*--resume"):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", save_every=100))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.undo()
+    resumed = trainable(train(cfg(teacher_dir, text_file, tmp_path / "run", save_every=100, resume=True)))
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+
+
+def test_time_budget_stops_on_time_follows_the_schedule_over_time_and_resumes_the_clock(teacher_dir, text_file,
+                                                                                          tmp_path, monkeypatch):
+    budget = 3.0  # seconds
+    run = cfg(teacher_dir, text_file, tmp_path / "run", max_steps=None, max_minutes=budget / 60, warmup=0.1)
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(TrainingStopped):
+        train(run)
+    kept = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert kept["step"] == 3 and 0 < kept["seconds"] < budget
+    monkeypatch.undo()
+    train(TrainConfig(**{**vars(run), "resume": True}))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and len(log) > 6
+    seconds = [r["train_seconds"] for r in log]
+    assert seconds == sorted(seconds) and seconds[3] > kept["seconds"]  # the resumed run continues the clock
+    assert budget <= seconds[-1] < budget + 1.0  # stopped at the first step boundary past the budget
+    # LR at each step: linear warm-up over the first 10 % of the time, then cosine to 0 at the budget. The
+    # log has each step's end time; its LR came from the clock at its start, which is the previous end time.
+    for before, record in zip(log[3:], log[4:]):
+        t = before["train_seconds"] / budget
+        expected = t / 0.1 if t < 0.1 else 0.5 * (1 + math.cos(math.pi * (t - 0.1) / 0.9))
+        assert record["lr_weight"] == pytest.approx(1e-3 * expected, abs=1e-3 * 0.05)
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == len(log)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(teacher_dir, text_file, tmp_path, monkeypatch):
     real_loss = train_mod.distillation_loss
     calls = {"n": 0}
@@ -120,6 +175,10 @@ def test_bad_options_are_refused():
         TrainConfig(num_experts=0)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="one budget"):
+        TrainConfig(max_steps=3, max_minutes=1)
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=0)
 
 
 def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, teacher_dir):
@@ -138,3 +197,12 @@ def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, 
         assert needs_grad_checkpointing(cfg, config, gpu) is expected
     assert needs_grad_checkpointing(cfg, config, distributed.Env(device=torch.device("cpu"))) is False
     assert needs_grad_checkpointing(TrainConfig(grad_checkpointing=True), config, distributed.Env()) is True
+
+
+def test_grad_checkpointing_trains_the_same_weights(teacher_dir, text_file, tmp_path):
+    plain = trainable(train(cfg(teacher_dir, text_file, tmp_path / "plain", max_steps=3, grad_checkpointing=False)))
+    recomputed = train(cfg(teacher_dir, text_file, tmp_path / "ckpt", max_steps=3, grad_checkpointing=True))
+    name = "is_activation_checkpointing" if hasattr(recomputed, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(recomputed, name) is False  # switched off for saving
+    recomputed = trainable(recomputed)
+    assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)

@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-tokens", type=int, default=None, help="training budget in tokens")
     budget.add_argument("--max-steps", type=int, default=None, help="training budget in optimizer steps")
+    budget.add_argument("--max-minutes", type=float, default=None,
+                        help="training budget in minutes of the training loop (loading and evaluation excluded); "
+                             "the learning-rate schedule runs over that time")
     budget.add_argument("--epochs", type=float, default=1.0, help="budget in passes over the data (default 1)")
     p.add_argument("--lr-weight", type=float, default=None, help="learning rate of the latent weights")
     p.add_argument("--lr-scale", type=float, default=None, help="learning rate of scales and router")
@@ -396,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BINARYMOS_DEBUG"):  # the full traceback, for bug reports
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"binarymos: error: {message}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)  # a run stopped by SIGTERM is not an error: 143, as a killed process
+        print(f"binarymos: {'error: ' if code == 2 else ''}{message}", file=sys.stderr)
+        return code
     return 0
 
 

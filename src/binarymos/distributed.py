@@ -164,7 +164,7 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     return max(found)[::-1] if found else None
 
 
-def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env) -> None:
+def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env, seconds: float = 0.0) -> None:
     """Every rank writes its shards of the trainable state; rank 0 renames the directory when all are done."""
     final = out / "checkpoints" / f"step-{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -174,7 +174,7 @@ def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env) -> 
     model_state, optim_state = get_state_dict(student, optimizer, options=TRAINABLE)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if env.is_main:
-        meta = {"step": step, "world_size": env.world_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+        meta = {"step": step, "seconds": seconds, "world_size": env.world_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         os.replace(tmp, final)
         for old in final.parent.glob("step-*"):
@@ -183,8 +183,9 @@ def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env) -> 
     env.barrier()
 
 
-def load_checkpoint(path: Path, student, optimizer, cfg, env: Env) -> int:
-    """Restore the trainable state into the model and optimizer as laid out now; returns the step.
+def load_checkpoint(path: Path, student, optimizer, cfg, env: Env) -> tuple[int, float]:
+    """Restore the trainable state into the model and optimizer as laid out now; returns (step, seconds of
+    training so far).
 
     A DCP directory loads into any number of ranks (none: a plain process). A plain ``checkpoint.pt``
     (optimizer state keyed by parameter index) is re-keyed by parameter name and loaded whole on
@@ -201,7 +202,7 @@ def load_checkpoint(path: Path, student, optimizer, cfg, env: Env) -> int:
                        options=TRAINABLE)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = dict(state["config"], world_size=1, step=state["step"])
+        saved = dict(state["config"], world_size=1, step=state["step"], seconds=state.get("seconds", 0.0))
         if not env.distributed:
             student.load_state_dict(state["trainable"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
@@ -214,7 +215,7 @@ def load_checkpoint(path: Path, student, optimizer, cfg, env: Env) -> int:
             set_state_dict(student, optimizer, model_state_dict=state["trainable"], optim_state_dict=optim,
                            options=StateDictOptions(full_state_dict=True, strict=False))
     _keep_global_batch(cfg, saved, env)
-    return saved["step"]
+    return saved["step"], saved.get("seconds", 0.0)
 
 
 def _keep_global_batch(cfg, saved: dict, env: Env) -> None:

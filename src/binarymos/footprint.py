@@ -44,17 +44,24 @@ class FootprintError(ValueError):
 
 
 def load_config(name: str):
-    """A built-in name, a config.json, or a directory holding one (its quantization_config is ignored)."""
+    """A built-in name, a config.json, a directory holding one, or any model name ``binarymos train`` takes
+    (an alias such as smollm2-135m, a .gguf); its quantization_config is ignored."""
     from transformers import AutoConfig
+
+    from .models import ModelNotFoundError, loadable
 
     if name in BUILTIN_CONFIGS:
         kwargs = dict(BUILTIN_CONFIGS[name])
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     path = Path(name)
-    if path.is_dir():
-        path = path / "config.json"
     if not path.is_file():
-        raise FootprintError(f"{name}: not a built-in config ({', '.join(BUILTIN_CONFIGS)}) nor a config.json")
+        try:
+            path = Path(loadable(name)) / "config.json"
+        except ModelNotFoundError:
+            pass
+    if not path.is_file():
+        raise FootprintError(f"{name}: not a built-in config ({', '.join(BUILTIN_CONFIGS)}), a config.json "
+                             "nor a local model")
     config_dict = json.loads(path.read_text())
     config_dict.pop("quantization_config", None)
     if "model_type" not in config_dict:

@@ -7,17 +7,24 @@ lambda 10 on unnormalised MSE, AdamW lr 2e-5, cosine, 3 % warm-up); ``default`` 
 for small budgets (docs/RESULTS.md says how it was measured).
 
 A run directory holds ``train_config.json``, ``log.jsonl`` (one line per logged step),
-``checkpoint.pt`` (written atomically every ``save_every`` steps; ``resume=True`` continues
-from it bit-for-bit) and, at the end, ``model/`` (the trained binarized model, loadable with
-``binarymos.models.load_model``).
+``checkpoint.pt`` (written atomically every ``save_every`` steps, and when the process gets SIGTERM;
+``resume=True`` continues from it bit-for-bit) and, at the end, ``model/`` (the trained binarized
+model, loadable with ``binarymos.models.load_model``).
+
+A budget is tokens, steps, epochs or minutes of training (``max_minutes``: the loop's own wall time,
+model loading and evaluation excluded; the learning-rate schedule then runs over that time, and a
+resumed run continues the clock).
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +53,12 @@ class TrainingDivergedError(RuntimeError):
     pass
 
 
+class TrainingStopped(RuntimeError):
+    """SIGTERM arrived (a job's time limit, `timeout`, a preemption): the run saved a checkpoint and stopped."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
 @dataclass
 class TrainConfig:
     model: str = DEFAULT_MODEL
@@ -60,6 +73,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_tokens: int | None = None  # training budget; with max_steps None and this None: `epochs` epochs
     max_steps: int | None = None
+    max_minutes: float | None = None  # training-time budget: the schedule runs over minutes, not steps
     epochs: float = 1.0
     # None: taken from the recipe
     lr_weight: float | None = None  # latent weights
@@ -102,6 +116,10 @@ class TrainConfig:
                     "teacher_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
+        if sum(x is not None for x in (self.max_tokens, self.max_steps, self.max_minutes)) > 1:
+            raise ValueError("give one budget: max_tokens, max_steps or max_minutes")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError("max_minutes must be > 0")
         if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
             raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
@@ -187,7 +205,10 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, num_blocks: int, rank
     return out
 
 
-def total_steps(cfg: TrainConfig, num_blocks: int, world_size: int = 1) -> int:
+def total_steps(cfg: TrainConfig, num_blocks: int, world_size: int = 1) -> int | None:
+    """Optimizer steps of the run; None for a time budget (max_minutes), which ends when its time is up."""
+    if cfg.max_minutes is not None:
+        return None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * cfg.seq_len
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -196,22 +217,41 @@ def total_steps(cfg: TrainConfig, num_blocks: int, world_size: int = 1) -> int:
     return max(1, math.ceil(cfg.epochs * num_blocks / (cfg.batch_size * cfg.grad_accum * world_size)))
 
 
+class _StopOnSigterm:
+    """Records SIGTERM instead of dying, so the loop can save a checkpoint first; the old handler comes back
+    on exit. Only the main thread can take signals (elsewhere this does nothing)."""
+
+    def __enter__(self):
+        self.requested, self._old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 def _trainable_state(student) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in student.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(out: Path, student, optimizer, step: int, cfg: TrainConfig,
-                    env: distributed.Env = distributed.Env()) -> None:
+                    env: distributed.Env = distributed.Env(), seconds: float = 0.0) -> None:
     """Atomic: a temporary file renamed over the old checkpoint, so a kill never leaves a torn one.
 
     One process writes ``checkpoint.pt``; FSDP ranks a sharded directory (distributed.save_checkpoint).
+    ``seconds``: training time so far, which a time budget continues from.
     """
     if env.distributed:
-        return distributed.save_checkpoint(out, student, optimizer, step, cfg, env)
+        return distributed.save_checkpoint(out, student, optimizer, step, cfg, env, seconds)
     path = out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "trainable": _trainable_state(student), "optimizer": optimizer.state_dict(),
-                "config": asdict(cfg)}, tmp)
+    torch.save({"step": step, "seconds": seconds, "trainable": _trainable_state(student),
+                "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, tmp)
     os.replace(tmp, path)
 
 
@@ -250,8 +290,11 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         for p in group["params"]:
             p.requires_grad_(True)
     if needs_grad_checkpointing(cfg, teacher.config, env):
-        enable = getattr(student, "activation_checkpointing_enable", student.gradient_checkpointing_enable)
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(student, "activation_checkpointing_enable", None)  # the newer transformers' name
+        if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     teacher, student = distributed.place(env, teacher, student)
     if cfg.compile:  # in place, so parameter names (checkpoints, save_pretrained) stay as they are
@@ -293,22 +336,34 @@ def train(cfg: TrainConfig):
     if cfg.method == "sign" or not groups[0]["params"]:
         raise ValueError("the static sign baseline has nothing to train; evaluate it directly")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
-    start = distributed.load_checkpoint(found[0], student, optimizer, cfg, env) if cfg.resume else 0
+    start, trained_seconds = (distributed.load_checkpoint(found[0], student, optimizer, cfg, env) if cfg.resume
+                              else (0, 0.0))
     steps = total_steps(cfg, len(blocks), env.world_size)
-    warmup_steps = max(1, round(cfg.warmup * steps))
+    budget = cfg.max_minutes * 60 if steps is None else None
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     student.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="distil", unit="step", dynamic_ncols=True,
-               disable=not env.is_main)
-    with open(log_path if env.is_main else os.devnull, "a") as log:  # one log: rank 0's
-        t0, tokens_seen = time.perf_counter(), 0
-        for step in bar:
+    bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
+               unit="step" if steps else "s", dynamic_ncols=True, disable=not env.is_main)
+    with bar, open(log_path if env.is_main else os.devnull, "a") as log, _StopOnSigterm() as stop:  # one log: rank 0's
+        t0, step = time.perf_counter(), start
+        while steps is None or step < steps:
+            # the same clock and stop decision on every rank (one process: no communication)
+            clock = env.mean({"seconds": trained_seconds + time.perf_counter() - t0, "stop": float(stop.requested)})
+            if clock["stop"]:
+                save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
+                raise TrainingStopped(f"stopped by SIGTERM after step {step}; the checkpoint in {out} holds it: "
+                                      "the same command with --resume continues")
+            if budget is not None and clock["seconds"] >= budget:
+                break
+            # a time budget runs the same warm-up and cosine over milliseconds of training instead of steps
+            factor = (lr_factor(step, steps, max(1, round(cfg.warmup * steps))) if steps else
+                      lr_factor(int(clock["seconds"] * 1000), int(budget * 1000), max(1, round(cfg.warmup * budget * 1000))))
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, steps, warmup_steps)
+                group["lr"] = group["base_lr"] * factor
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
             terms = {"loss": 0.0, "kl": 0.0, "hidden": 0.0}
             for micro in range(cfg.grad_accum):
@@ -329,20 +384,23 @@ def train(cfg: TrainConfig):
                 raise _diverged(f"gradient norm is {grad_norm.item()}", step, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tokens_per_step
-            done = step + 1
-            if done % cfg.log_every == 0 or done == steps:
-                rate = tokens_seen / (time.perf_counter() - t0)
-                record = {"step": done, "tokens": done * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
+            step += 1
+            seconds = trained_seconds + time.perf_counter() - t0  # this rank's; logged and saved by rank 0
+            last = step == steps
+            if step % cfg.log_every == 0 or last:
+                rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
+                record = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
                           "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
-                          "tokens_per_s": round(rate, 1), "time": round(time.time(), 3)}
+                          "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 2), "time": round(time.time(), 3)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
                                 tok_s=f"{rate:.0f}")
-            if done % cfg.save_every == 0 or done == steps:
-                save_checkpoint(out, student, optimizer, done, cfg, env)
-    bar.close()
+            bar.update(1 if steps else min(round(seconds), round(budget)) - bar.n)
+            if step % cfg.save_every == 0 or last:
+                save_checkpoint(out, student, optimizer, step, cfg, env, seconds)
+        if budget is not None:  # the step counts of a time budget are known only now
+            save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
     state = distributed.full_state_dict(env, student)
     if env.is_main:
         save_model(student, tokenizer, out / "model", state)
