@@ -124,7 +124,9 @@ poll)
         [ -f "$log" ] && echo "$(basename "$(dirname "$log")"): $(tail -n 1 "$log")"
     done
     for e in "$W"/*/eval.json; do [ -f "$e" ] && echo "$(basename "$(dirname "$e")"): $(cat "$e")"; done
-    tail -n 2 "$W"/*.log 2>/dev/null | tail -n 40
+    for log in "$W"/*.log; do  # the last line of each, progress bars' carriage returns taken as line ends
+        [ -f "$log" ] && echo "$(basename "$log"): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1)"
+    done
     ;;
 budget)
     MINUTES=${2:?minutes of training}

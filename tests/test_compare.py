@@ -81,3 +81,15 @@ def test_bad_train_args_of_compare_are_one_line_errors(teacher_dir, capsys):
         main(["compare", "--model", str(teacher_dir), "--max-tokens", "10", "--train-args=--no-such-option"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "--no-such-option" in err
+
+
+def test_compare_at_a_time_budget_trains_each_method_for_its_minutes(teacher_dir, text_file, tmp_path):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(teacher_dir), "--methods", "onebit", "--max-minutes", "0.03",
+                 "--data", str(text_file), "--train-args=--seq-len 32 --batch-size 2", "--ppl", "wikitext2",
+                 "--eval-seq-len", "64", "--eval-windows", "1", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    onebit = json.loads((out / "compare.json").read_text())["runs"]["onebit"]
+    log = [json.loads(line) for line in (out / "onebit" / "log.jsonl").read_text().splitlines()]
+    assert onebit["status"] == "ok" and onebit["trained_tokens"] == log[-1]["tokens"] == 64 * log[-1]["step"] > 0
+    assert onebit["train_minutes"] == log[-1]["train_seconds"] / 60 and onebit["train_minutes"] > 0.02

@@ -8,7 +8,7 @@ from conftest import tiny_config
 from binarymos import cli
 from binarymos.convert import BinaryMoSConfig, binarize
 from binarymos.footprint import load_config
-from binarymos.plan import GB, count, estimate, parse_bytes
+from binarymos.plan import GB, activation_bytes_per_token_layer, count, estimate, parse_bytes
 from binarymos.train import TrainConfig, distillation_loss, param_groups
 
 B, L, E = 2, 128, 2
@@ -47,6 +47,36 @@ def step():
     params = {p.untyped_storage().data_ptr() for p in student.parameters()}
     activations = sum(n for ptr, n in saved.items() if ptr not in params)
     return config, student, optimizer, activations
+
+
+def test_one_process_under_bf16_autocast_keeps_a_float32_residual_stream(step):
+    """What a single-GPU run does (float32 masters, bf16 autocast), on the CPU's autocast: the planner's
+    r = 4 (its default for one GPU) within 15 % of autograd's saved bytes, where r = 2 is not."""
+    config, student, _, _ = step
+    cfg = TrainConfig(num_experts=E)
+    ids = torch.randint(0, 256, (B, L))
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        t_out = student(input_ids=ids, output_hidden_states=True)  # any teacher: only its outputs' shapes matter
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = student(input_ids=ids, output_hidden_states=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        distillation_loss(out, t_out, cfg)
+    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    counts = count(config, E)
+    terms = estimate(counts, gpus=1, seq_len=L, batch=B)["terms"]
+    student_logits = B * L * config.vocab_size * 2  # bf16 under autocast
+    planned = terms["activations"] + terms["hidden"] + student_logits
+    assert abs(planned - measured) / measured < 0.15, (planned, measured)
+    bf16_stream = planned - B * L * counts.layers * (activation_bytes_per_token_layer(counts, 2, 4)
+                                                     - activation_bytes_per_token_layer(counts, 2, 2))
+    assert abs(bf16_stream - measured) / measured > 0.15, (bf16_stream, measured)
 
 
 def nbytes(tensors):

@@ -195,7 +195,8 @@ def _cmd_compare(args) -> None:
         raise ValueError("compare: --methods names no method")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shared = ["--device", device] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    train_args = ["--data", args.data, "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)] + shared
+    budget = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else ["--max-minutes", str(args.max_minutes)]
+    train_args = ["--data", args.data, *budget, "--seed", str(args.seed)] + shared
     train_args += shlex.split(args.train_args)
     eval_args = ["--ppl", ",".join(args.ppl), "--eval-seq-len", str(args.eval_seq_len)] + shared
     eval_args += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
@@ -347,11 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.set_defaults(func=_cmd_generate)
 
-    p = verbs.add_parser("compare", help="several methods at one token budget: perplexity, tokens, minutes, bytes")
+    p = verbs.add_parser("compare", help="several methods at one budget (tokens or minutes): perplexity, tokens, "
+                                        "minutes, bytes")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
     p.add_argument("--methods", default="fp,sign,onebit,mos2,mos4,mos8",
                    help="fp, sign (no training), onebit (E=1), mosN (BinaryMoS, N experts); default: all of the paper's")
-    p.add_argument("--max-tokens", type=int, required=True, help="training budget of every trained method")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-tokens", type=int, help="training budget of every trained method, in tokens")
+    budget.add_argument("--max-minutes", type=float,
+                        help="training budget of every trained method, in minutes of its training loop")
     p.add_argument("--data", default=DEFAULT_DATA, help="training text, as for train (teacher, teacher+c4_wiki ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-args", default="", help='further train options for every run, e.g. "--recipe paper"')

@@ -119,9 +119,9 @@ def _collect(name: str, run, model: str, out: Path, status: tuple[int, float], c
     log = out / name / "log.jsonl"
     if log.exists() and log.read_text().strip():
         last = json.loads(log.read_text().splitlines()[-1])
-        # the log's rate is tokens over the loop's wall time: model loading and evaluation are not counted
+        # the training loop's own time: model loading and evaluation are not counted
         result.update(trained_tokens=last["tokens"], final_loss=last["loss"], final_kl=last["kl"],
-                      train_minutes=last["tokens"] / last["tokens_per_s"] / 60)
+                      train_minutes=last["train_seconds"] / 60)
     result["bytes"] = _bytes(model, run, out / name, cache)
     return result
 

@@ -54,7 +54,7 @@ def load_config(name: str):
         kwargs = dict(BUILTIN_CONFIGS[name])
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     path = Path(name)
-    if not path.is_file():
+    if not (path.is_file() and path.suffix == ".json"):
         try:
             path = Path(loadable(name)) / "config.json"
         except ModelNotFoundError:

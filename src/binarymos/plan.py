@@ -14,17 +14,25 @@ a = 2 bytes per activation (bf16):
                  units in flight: this and the prefetched block of each model in bf16, one block's bf16
                  gradients and their fp32 reduce-scatter copy
     activations  no checkpointing:  T * n * A  +  2 * P_binarized          (A per token per layer, below)
-                 checkpointing:     T * n * a * h  +  T * A  +  2 * P_binarized / n
+                 checkpointing:     T * n * r * h  +  T * A  +  2 * P_binarized / n
                  2 * P_binarized: sign(W) in bf16, saved by every binarized matmul for its backward, unsharded
     logits       T * V * 3a  +  3 * 4 * min(T, 4096) * V     student and teacher logits, the student's
                  logit gradient, one float32 chunk of the KL (train.kl_sum) recomputed in backward
     hidden       T * h * (a * (n + 1) + 8 * n)               teacher hidden states, float32 copies in the MSE
 
-    A = a * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
-      + sum over linears of 2a * (in + out) + 4E     s_in, x*s_in, output before s_out, s_out, gates
+    A = r * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
+      + sum over linears of (r + a) * (in + out) + 4E
+                                          s_in (r), x*s_in as the matmul's input (a), the matmul's
+                                          output (a), s_out (r), gates
       + 8h                                two RMSNorms in float32
       + a * (2h + 2kv) + 4 * heads        attention (flash/SDPA): q, k, v, output, log-sum-exp
-      + 3a * i                            MLP: gate output, its SiLU, up output
+      + 3r * i                            MLP: gate output, its SiLU, up output
+
+r is the width of the student's residual stream and of what is computed from it outside the matmuls.
+Under FSDP2 the student computes with bf16 copies of its parameters: r = a. In one process its
+parameters are the float32 masters, so its embeddings, norms and scales are float32 and autocast
+narrows only the matmuls: r = 4. (Measured on an H100, batch 8 x 2048, no checkpointing: 63.66 GB
+peak, where r = a had planned 44.07 GB; docs/RESULTS.md.)
 
 GB = 10^9 bytes. The estimate is what ``torch.cuda.max_memory_allocated`` should report; the CUDA
 context and NCCL buffers come on top, so a run "fits" when the estimate is at most 90 % of the GPU.
@@ -94,17 +102,18 @@ def count(config, num_experts: int = 4) -> ModelCounts:
         num_experts=num_experts)
 
 
-def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2) -> int:
+def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2) -> int:
     """A: bytes autograd keeps per token per decoder layer for the backward (see the module docstring)."""
     h, i, e = c.hidden, c.intermediate, c.num_experts
-    linears = sum(2 * a * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
-    return a * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * a * i
+    linears = sum((r + a) * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
+    return r * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * r * i
 
 
 def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2) -> dict:
     """Bytes per GPU of each term, and the totals with and without gradient checkpointing."""
     w, t, n = gpus, batch * seq_len, c.layers
-    per_layer = activation_bytes_per_token_layer(c, a)
+    r = 4 if w == 1 else a  # the residual stream: float32 masters in one process, bf16 parameters under FSDP2
+    per_layer = activation_bytes_per_token_layer(c, a, r)
     gathered = a * c.root_student
     if w > 1:
         gathered += 2 * a * c.block_student + 2 * teacher_bytes * c.block_teacher + 6 * c.block_trainable
@@ -117,7 +126,7 @@ def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, te
         "logits": t * c.vocab * 3 * a + 3 * 4 * min(t, KL_CHUNK) * c.vocab,
         "hidden": t * c.hidden * (a * (n + 1) + 8 * n),
         "activations": t * n * per_layer + a * c.binarized,
-        "activations_checkpointed": t * n * a * c.hidden + t * per_layer + a * c.binarized // n,
+        "activations_checkpointed": t * n * r * c.hidden + t * per_layer + a * c.binarized // n,
     }
     fixed = sum(v for k, v in terms.items() if not k.startswith("activations"))
     return {"terms": {k: int(v) for k, v in terms.items()},

@@ -43,7 +43,7 @@ from .synth import as_blocks, split_data, teacher_tokens
 
 RECIPES = {
     "default": dict(lr_weight=2e-4, lr_scale=1e-2, kl_reduction="token", hidden_weight=1.0,
-                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0, batch_size=4),
+                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0, batch_size=8),
     "paper": dict(lr_weight=2e-5, lr_scale=2e-5, kl_reduction="batchmean", hidden_weight=10.0,
                   hidden_norm="none", warmup=0.03, weight_decay=0.0, batch_size=4),
 }
@@ -377,6 +377,7 @@ def train(cfg: TrainConfig):
                 if not math.isfinite(values["loss"]):
                     raise _diverged(f"loss is {values['loss']}", step, out)
                 (loss / cfg.grad_accum).backward()
+                del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
                 for key in values:
                     terms[key] += values[key] / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
@@ -391,7 +392,7 @@ def train(cfg: TrainConfig):
                 rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
                 record = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
                           "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
-                          "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 2), "time": round(time.time(), 3)}
+                          "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
