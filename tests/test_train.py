@@ -201,6 +201,11 @@ def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, 
     for memory, expected in ((need / 0.75 * 1.01, False), (need / 0.75 * 0.99, True)):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, m=memory: SimpleNamespace(total_memory=m))
         assert needs_grad_checkpointing(cfg, config, gpu) is expected
+    narrow = estimate(count(config, cfg.num_experts), 1, 32, 2, residual=2)["total"]  # bf16_compute's activations
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=narrow / 0.75 * 1.01))
+    assert needs_grad_checkpointing(TrainConfig(model=str(teacher_dir), seq_len=32, batch_size=2, bf16_compute=True),
+                                    config, gpu) is False
+    assert needs_grad_checkpointing(cfg, config, gpu) is True
     assert needs_grad_checkpointing(cfg, config, distributed.Env(device=torch.device("cpu"))) is False
     assert needs_grad_checkpointing(TrainConfig(grad_checkpointing=True), config, distributed.Env()) is True
 
@@ -212,3 +217,20 @@ def test_grad_checkpointing_trains_the_same_weights(teacher_dir, text_file, tmp_
     assert getattr(recomputed, name) is False  # switched off for saving
     recomputed = trainable(recomputed)
     assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)
+
+
+def test_bf16_compute_trains_and_gives_back_a_float32_model(teacher_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from binarymos.models import load_model
+
+    student = train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=8, bf16_compute=True))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in log) and log[-1]["loss"] < log[0]["loss"]
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    embeddings = AutoModelForCausalLM.from_pretrained(teacher_dir).get_input_embeddings().weight
+    torch.testing.assert_close(student.get_input_embeddings().weight, embeddings.to(torch.bfloat16).float(),
+                               rtol=0, atol=0)  # trained in bf16, given back as float32
+    loaded, _ = load_model(str(tmp_path / "run" / "model"))
+    ids = torch.randint(0, 90, (1, 16))
+    torch.testing.assert_close(loaded(ids).logits, student.eval()(ids).logits)

@@ -31,8 +31,9 @@ a = 2 bytes per activation (bf16):
 r is the width of the student's residual stream and of what is computed from it outside the matmuls.
 Under FSDP2 the student computes with bf16 copies of its parameters: r = a. In one process its
 parameters are the float32 masters, so its embeddings, norms and scales are float32 and autocast
-narrows only the matmuls: r = 4. (Measured on an H100, batch 8 x 2048, no checkpointing: 63.66 GB
-peak, where r = a had planned 44.07 GB; docs/RESULTS.md.)
+narrows only the matmuls: r = 4 (measured on an H100, batch 8 x 2048, no checkpointing: 63.66 GB
+peak, where r = a had planned 44.07 GB; docs/RESULTS.md), unless train's ``bf16_compute`` holds its
+frozen parameters in bf16: r = 2.
 
 GB = 10^9 bytes. The estimate is what ``torch.cuda.max_memory_allocated`` should report; the CUDA
 context and NCCL buffers come on top, so a run "fits" when the estimate is at most 90 % of the GPU.
@@ -109,10 +110,15 @@ def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2) -> 
     return r * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * r * i
 
 
-def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2) -> dict:
-    """Bytes per GPU of each term, and the totals with and without gradient checkpointing."""
+def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2,
+             residual: int | None = None) -> dict:
+    """Bytes per GPU of each term, and the totals with and without gradient checkpointing.
+
+    residual: bytes per value of the student's residual stream (r); default: 4 in one process (float32
+    masters), a under FSDP2 (bf16 parameters); train's bf16_compute makes it 2 in one process too.
+    """
     w, t, n = gpus, batch * seq_len, c.layers
-    r = 4 if w == 1 else a  # the residual stream: float32 masters in one process, bf16 parameters under FSDP2
+    r = residual or (4 if w == 1 else a)
     per_layer = activation_bytes_per_token_layer(c, a, r)
     gathered = a * c.root_student
     if w > 1:

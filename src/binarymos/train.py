@@ -101,6 +101,9 @@ class TrainConfig:
     router_init_std: float = 0.02
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
     compile: bool = False           # torch.compile the student and the teacher
+    # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
+    # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); off in every measured run
+    bf16_compute: bool = False
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -296,6 +299,10 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
+    if cfg.bf16_compute and not env.distributed:  # FSDP2 computes with bf16 parameters already
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
     if cfg.compile:  # in place, so parameter names (checkpoints, save_pretrained) stay as they are
         teacher.compile()
@@ -317,7 +324,8 @@ def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> 
         return False
     from .plan import count, estimate
 
-    need = estimate(count(config, cfg.num_experts), env.world_size, cfg.seq_len, cfg.batch_size)["total"]
+    need = estimate(count(config, cfg.num_experts), env.world_size, cfg.seq_len, cfg.batch_size,
+                    residual=2 if cfg.bf16_compute else None)["total"]
     return need > 0.75 * torch.cuda.get_device_properties(env.device).total_memory
 
 
@@ -343,7 +351,7 @@ def train(cfg: TrainConfig):
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16_compute)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
@@ -402,6 +410,8 @@ def train(cfg: TrainConfig):
                 save_checkpoint(out, student, optimizer, step, cfg, env, seconds)
         if budget is not None:  # the step counts of a time budget are known only now
             save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
+    if cfg.bf16_compute and not env.distributed:
+        student.float()  # a plain float32 model again, usable outside autocast
     state = distributed.full_state_dict(env, student)
     if env.is_main:
         save_model(student, tokenizer, out / "model", state)
