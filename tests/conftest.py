@@ -34,6 +34,23 @@ def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def sigterm_during_step(monkeypatch, step: int) -> None:
+    """SIGTERM to this process while training step ``step`` (0-based) computes its loss."""
+    import signal
+
+    from binarymos import train as train_mod
+
+    real_loss, calls = train_mod.distillation_loss, {"n": 0}
+
+    def loss_then_signal(*args):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_mod, "distillation_loss", loss_then_signal)
+
+
 def tiny_model(model_type: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import sigterm_during_step
 
 from binarymos.cli import main
 
@@ -60,8 +61,6 @@ def test_bad_arguments_are_one_line_errors(argv, capsys):
 
 def test_train_stopped_by_sigterm_exits_143_with_one_line_and_keeps_the_step(teacher_dir, text_file, tmp_path, capsys,
                                                                      monkeypatch):
-    from test_train import sigterm_during_step
-
     argv = ["train", "--model", str(teacher_dir), "--data", str(text_file), "--out", str(tmp_path / "run"),
             "-E", "2", "--seq-len", "32", "--batch-size", "2", "--max-minutes", "0.5", "--device", "cpu"]
     sigterm_during_step(monkeypatch, 0)

@@ -1,4 +1,5 @@
 """The memory planner against bytes counted on real tensors after a CPU step, and by hand for LLaMA-2-7B."""
+import contextlib
 import copy
 
 import pytest
@@ -12,6 +13,25 @@ from binarymos.plan import GB, count, estimate, parse_bytes
 from binarymos.train import TrainConfig, distillation_loss, param_groups
 
 B, L, E = 2, 128, 2
+
+
+@contextlib.contextmanager
+def recording_saved():
+    """The storages autograd saves for the backward inside the block: data_ptr -> bytes."""
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        yield saved
+
+
+def activation_bytes(saved: dict, model) -> int:
+    """Of ``saved``, the bytes that are not the model's parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in params)
 
 
 @pytest.fixture(scope="module")
@@ -33,40 +53,24 @@ def step():
     ids = torch.randint(0, 256, (B, L))
     with torch.no_grad():
         t_out = teacher(input_ids=ids, output_hidden_states=True)
-    saved = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with recording_saved() as saved:
         loss, _ = distillation_loss(student(input_ids=ids, output_hidden_states=True), t_out, cfg)
     loss.backward()
     optimizer = torch.optim.AdamW(groups)
     optimizer.step()
-    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in params)
-    return config, student, optimizer, activations
+    return config, student, optimizer, activation_bytes(saved, student)
 
 
 def saved_under_autocast(student, cfg) -> int:
     """Bytes autograd saves (parameters excluded) for one distillation loss under the CPU's bf16 autocast."""
     ids = torch.randint(0, 256, (B, L))
-    saved = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.no_grad():
-            t_out = student(input_ids=ids, output_hidden_states=True)  # any teacher: only its shapes matter
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        t_out = student(input_ids=ids, output_hidden_states=True)  # any teacher: only its shapes matter
+    with recording_saved() as saved:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             out = student(input_ids=ids, output_hidden_states=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         distillation_loss(out, t_out, cfg)
-    params = {p.untyped_storage().data_ptr() for p in student.parameters()}
-    return sum(n for ptr, n in saved.items() if ptr not in params)
+    return activation_bytes(saved, student)
 
 
 def test_one_process_under_bf16_autocast_keeps_a_float32_residual_stream_unless_bf16_compute(step):

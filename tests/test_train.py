@@ -2,12 +2,13 @@
 a time budget, SIGTERM."""
 import json
 import math
-import os
 import signal
 
 import pytest
 import torch
 from types import SimpleNamespace
+
+from conftest import sigterm_during_step
 
 from binarymos import train as train_mod
 from binarymos.train import TrainConfig, TrainingDivergedError, TrainingStopped, distillation_loss, lr_factor, train
@@ -90,19 +91,6 @@ def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teache
     assert all(torch.equal(full[n], resumed[n]) for n in full)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
-
-
-def sigterm_during_step(monkeypatch, step):
-    """SIGTERM to this process while step ``step`` (0-based) computes its loss."""
-    real_loss, calls = train_mod.distillation_loss, {"n": 0}
-
-    def loss_then_signal(*args):
-        calls["n"] += 1
-        if calls["n"] == step + 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(*args)
-
-    monkeypatch.setattr(train_mod, "distillation_loss", loss_then_signal)
 
 
 def test_sigterm_saves_the_finished_step_and_resume_reaches_the_same_weights(teacher_dir, text_file, tmp_path,
