@@ -137,3 +137,9 @@ def test_plan_command_says_whether_it_fits(capsys):
     assert "does NOT fit" in capsys.readouterr().out
     assert parse_bytes("80GB") == 80 * GB and parse_bytes("80GiB") == 80 * 2**30
     assert cli.main(["plan", "--config", "llama-2-7b", "--gpu-memory", "lots"]) == 2
+
+
+def test_plan_of_an_unknown_model_is_a_one_line_error(capsys):
+    assert cli.main(["plan", "--config", "/no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("binarymos: error: /no/such/model: not a built-in config")

@@ -45,3 +45,15 @@ def test_binarizing_the_real_model(smollm2):
     sign = binarize(copy.deepcopy(model), BinaryMoSConfig(method="sign"))
     fp = perplexity(model, tokenizer, "wikitext2", seq_len=128, max_windows=2)
     assert perplexity(sign, tokenizer, "wikitext2", seq_len=128, max_windows=2) > 100 * fp  # 1 bit without training
+
+
+def test_plan_takes_the_alias_and_the_gguf_path_as_train_does(capsys):
+    from binarymos import cli
+    from binarymos.footprint import load_config
+    from binarymos.models import resolve
+
+    for name in ("smollm2-135m", str(resolve("smollm2-135m"))):  # the alias, then the .gguf file itself
+        config = load_config(name)
+        assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
+    assert cli.main(["plan", "--config", "smollm2-135m", "--batch", "8"]) == 0
+    assert "total, no checkpointing" in capsys.readouterr().out
