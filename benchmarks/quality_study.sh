@@ -2,6 +2,9 @@
 # Issue 5's GPU study (docs/QUALITY.md, docs/RESULTS.md). Steps:
 #
 #   bash benchmarks/quality_study.sh session      # 4 GPUs, ~23 minutes, detached (below); returns at once
+#   bash benchmarks/quality_study.sh session gemma  # 1-2 GPUs, ~24 / 12 minutes: the second architecture
+#   bash benchmarks/quality_study.sh session x2     # 2 GPUs: issue 6's scaling runs, then `gemma` once $G exists
+#   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~15 minutes: --bf16-compute against the default
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -18,9 +21,14 @@
 # (LONG_MINUTES and SHORT_MINUTES change the 20 and the 10)
 # at the batch that won, then GPUs 1-2 run the 2-GPU scaling benchmark at batch 8 and GPU 0 times
 # teacher sampling. Work files in $W; results packed into $OUT/quality-<step>.tar.gz.
+#
+# session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
+# (10) each at batch 8, and its full-precision teacher evaluated. session bf16 (one GPU): E=4 at batch 8
+# for BF16_MINUTES (6), once as by default and once with --bf16-compute.
 set -uo pipefail
 STEP=${1:?session, poll, budget, probe, compare or levers}
 M=${M:-/tmp/smollm2.gguf}
+G=${G:-/tmp/gemma.gguf}
 W=${W:-/tmp/quality}
 OUT=${OUT:-$W/out}
 export OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
@@ -41,7 +49,7 @@ timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES
     if [ ! -d "$run/model" ]; then
         local resume=
         [ -f "$run/checkpoint.pt" ] && resume=--resume
-        CUDA_VISIBLE_DEVICES=$gpu $TRAIN --max-minutes "$minutes" "$@" --out "$run" $resume >> "$run.log" 2>&1
+        CUDA_VISIBLE_DEVICES=$gpu $TRAIN --max-minutes "$minutes" --out "$run" $resume "$@" >> "$run.log" 2>&1
     fi
     if [ -d "$run/model" ] && [ ! -f "$run/eval.json" ]; then
         CUDA_VISIBLE_DEVICES=$gpu $BM eval --model "$run/model" --ppl wikitext2,c4 --json "$run/eval.json" \
@@ -72,7 +80,8 @@ session)
     if [ ! -f "$W/started" ]; then  # from a copy of the code: a later call may rewrite the checkout
         touch "$W/started"
         rm -rf "$W/code" && mkdir -p "$W/code" && cp -r src benchmarks "$W/code/"
-        PYTHONPATH="$W/code/src:${PYTHONPATH:-}" setsid nohup bash "$W/code/benchmarks/quality_study.sh" lanes \
+        PYTHONPATH="$W/code/src:${PYTHONPATH:-}" setsid nohup bash "$W/code/benchmarks/quality_study.sh" \
+            "lanes${2:+-$2}" \
             > "$W/session.log" 2>&1 < /dev/null &
     fi
     echo "session running: $(cat "$W/session.log" 2>/dev/null | tail -n 3)"
@@ -110,6 +119,42 @@ EOF
         wait
     ) &
     wait
+    touch "$W/done"
+    ;;
+lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side on GPUs 0 and 1 where there are two
+    SHORT=${SHORT_MINUTES:-10}
+    python -c "from binarymos.models import loadable; loadable('$G')"
+    gemma_runs() {
+        timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 &
+        [ "$(nvidia-smi -L | wc -l)" -ge 2 ] || wait
+        timed_run 1 gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 &
+        wait
+    }
+    gemma_runs
+    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" > "$W/gemma-fp.log" 2>&1
+    touch "$W/done"
+    ;;
+lanes-x2)  # what `session x2` runs detached: issue 6's scaling, then (once $G exists) the Gemma lanes
+    S="python $(dirname "$0")/scaling.py --model $M --steps 30"
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    export CUDA_VISIBLE_DEVICES=0,1
+    BINARYMOS_BENCH_WORK=$W/scaling-work $S --only smollm2 --out "$W/scaling-smollm2" \
+        --config-extra '{"batch_size": 8, "grad_checkpointing": false}' > "$W/scaling-smollm2.log" 2>&1
+    BINARYMOS_BENCH_WORK=$W/scaling-work $S --only llama7b,resume --out "$W/scaling-llama7b" > "$W/scaling-llama7b.log" 2>&1
+    BINARYMOS_BENCH_WORK=$W/scaling-bf16 $S --only smollm2 --strategies ddp --out "$W/scaling-bf16" \
+        --config-extra '{"batch_size": 8, "grad_checkpointing": false, "bf16_compute": true}' \
+        > "$W/scaling-bf16.log" 2>&1
+    unset CUDA_VISIBLE_DEVICES
+    touch "$W/scaling-done"
+    for ((i = 0; i < 60; i++)); do [ -f "$G" ] && break; sleep 10; done
+    [ -f "$G" ] && bash "$0" lanes-gemma
+    touch "$W/done"
+    ;;
+lanes-bf16)  # what `session bf16` runs detached, on one GPU
+    BF=${BF16_MINUTES:-6}
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    timed_run 0 e4-fp32-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing
+    timed_run 0 e4-bf16-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute
     touch "$W/done"
     ;;
 poll)

@@ -5,8 +5,8 @@
 
 For each model (smollm2-135m; a LLaMA-2-7B-shaped model with random weights, --layers of its 32
 blocks and SmolLM2's tokenizer) it distils --steps steps on 1 GPU (a plain process, batch b x
-grad_accum 2) and on 2 GPUs (torchrun, batch b per GPU): the same global batch, seed and data, so the
-loss curves should agree. Every run records torch.cuda.max_memory_allocated per rank next to the
+grad_accum 2) and on 2 GPUs (torchrun, batch b per GPU) once per --strategies (ddp, fsdp): the same
+global batch, seed and data, so the loss curves should agree. Every run records torch.cuda.max_memory_allocated per rank next to the
 planner's estimate (binarymos.plan). ``resume`` kills a 2-GPU smollm2 run after its first checkpoint
 and resumes it in one process. Results: OUT/scaling.json and OUT/scaling.md.
 
@@ -34,10 +34,9 @@ def run_one(args) -> None:
     import torch
 
     from binarymos import train as train_mod
-    from binarymos.footprint import load_config
-    from binarymos.plan import count, estimate
     from binarymos.distributed import Env
-    from binarymos.train import TrainConfig, needs_grad_checkpointing, train
+    from binarymos.footprint import load_config
+    from binarymos.train import TrainConfig, choose_strategy, needs_grad_checkpointing, planned_memory, train
 
     cfg = TrainConfig(**json.loads(args.config))
     if args.kill_after_first_checkpoint:
@@ -60,10 +59,11 @@ def run_one(args) -> None:
     planned = None
     if model_dir:
         config = load_config(model_dir)
-        result = estimate(count(config, cfg.num_experts), world, cfg.seq_len, cfg.batch_size)
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        checkpointed = needs_grad_checkpointing(cfg, config, Env(rank, world, device))  # as train decided
-        planned = result["total_checkpointed" if checkpointed else "total"]
+        env = Env(rank, world, device)
+        env = Env(rank, world, device, choose_strategy(cfg, config, env))  # as train decided
+        result = planned_memory(cfg, config, world if env.sharded else 1)
+        planned = result["total_checkpointed" if needs_grad_checkpointing(cfg, config, env) else "total"]
     (Path(cfg.out) / f"peak-rank{rank}.json").write_text(json.dumps(
         {"max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else 0, "planned": planned, "world_size": world}))
 
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--only", default="smollm2,resume,llama7b")
     parser.add_argument("--model", default="smollm2-135m", help="where smollm2-135m comes from (e.g. a .gguf path)")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--strategies", default="ddp,fsdp", help="of the 2-GPU runs (train's --strategy)")
     parser.add_argument("--layers", type=int, default=8, help="decoder blocks of the LLaMA-2-7B shape (of 32)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--config-extra", default="{}",
@@ -160,9 +161,12 @@ def main() -> None:
             base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
                         batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
             base.update(json.loads(args.config_extra))
-            for gpus, accum in ((1, 2), (2, 1)):
-                launch(dict(base, grad_accum=accum, out=str(work / f"{name}-{gpus}gpu")), gpus)
-            results[name] = compare(name, read_run(work / f"{name}-1gpu"), read_run(work / f"{name}-2gpu"))
+            launch(dict(base, grad_accum=2, out=str(work / f"{name}-1gpu")), 1)
+            for strategy in args.strategies.split(","):
+                launch(dict(base, grad_accum=1, strategy=strategy, out=str(work / f"{name}-2gpu-{strategy}")), 2)
+                results[f"{name} {strategy}"] = compare(f"{name} ({strategy})", read_run(work / f"{name}-1gpu"),
+                                                        read_run(work / f"{name}-2gpu-{strategy}"))
+                write(out, results)
         write(out, results)
     write(out, results)
     print(markdown(results))

@@ -1,7 +1,7 @@
-"""The FSDP2 path on the CPU: 2 torchrun ranks over gloo against one plain process.
+"""The FSDP2 and DDP paths on the CPU: 2 torchrun ranks over gloo against one plain process.
 
-One torchrun launch (2 ranks, OMP_NUM_THREADS=1) runs a 6-step distillation and a second one that is
-killed right after its step-3 checkpoint; the plain-process references run in the test process.
+One torchrun launch per strategy (2 ranks, OMP_NUM_THREADS=1) runs a 6-step distillation and a second
+one that is killed right after its step-3 checkpoint; the plain-process references run in the test process.
 The reference for a 2-rank run with batch 2 is one process with batch 2 and grad_accum 2: the same
 micro-batches, so the same loss and weights up to rounding. A second launch runs the command line
 with --ppl on the text a tied-embedding teacher writes.
@@ -40,7 +40,7 @@ WORKER = textwrap.dedent('''
     with open(f"{root}/calls-rank{rank}.json", "w") as f:
         json.dump(calls, f)
     torch.save(dict(student.named_buffers()), f"{root}/buffers-rank{rank}.pt")
-    local = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)
+    local = lambda tensors: sum(getattr(t, "to_local", lambda: t)().numel() * t.element_size() for t in tensors)
     params = [p for p in student.parameters()]
     with open(f"{root}/bytes-rank{rank}.json", "w") as f:
         json.dump({"params": local(params), "trainable": local(p for p in params if p.requires_grad)}, f)
@@ -119,6 +119,13 @@ def two_ranks(tmp_path_factory, teacher_dir, text_file):
     root = tmp_path_factory.mktemp("two_ranks")
     logs = torchrun(root, WORKER, json.dumps(base_cfg(teacher_dir, text_file)), str(root))
     return root, {rank: log["stderr"] for rank, log in logs.items()}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory, teacher_dir, text_file):
+    root = tmp_path_factory.mktemp("ddp_ranks")
+    torchrun(root, WORKER, json.dumps(base_cfg(teacher_dir, text_file, strategy="ddp")), str(root))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +271,64 @@ def test_perplexity_is_reported_once_by_rank_0_from_the_saved_model(cli_run, tie
         want = perplexity(model, tokenizer, "wikitext2", seq_len=32, max_windows=4)
         assert rows[name]["wikitext2"] == pytest.approx(want, rel=1e-6), name
         assert f"{want:,.2f}" in logs["0"]["stdout"]
+
+
+def test_ddp_ranks_match_one_process_with_the_same_global_batch(ddp_ranks, reference):
+    from binarymos.models import load_model
+
+    (ref_run, ref_weights), run = reference, ddp_ranks / "full"
+    assert json.loads((run / "train_config.json").read_text())["strategy"] == "ddp"
+    ours, ref = log(run), log(ref_run)
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref]
+    for a, b in zip(ours, ref):
+        for key in ("loss", "kl", "hidden"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    model, _ = load_model(str(run / "model"))  # rank 0's replica, saved as one process saves
+    assert_same_weights(trainable(model), ref_weights)
+
+
+def test_ddp_checkpoint_resumes_in_one_process(ddp_ranks, reference, teacher_dir, text_file):
+    killed = ddp_ranks / "killed"
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-00000003"]
+    cfg = TrainConfig(**base_cfg(teacher_dir, text_file), out=str(killed), resume=True)
+    resumed = trainable(train(cfg))
+    assert cfg.grad_accum == 2 and [r["step"] for r in log(killed)] == [1, 2, 3, 4, 5, 6]
+    assert_same_weights(resumed, reference[1])
+
+
+def test_ddp_ranks_hold_the_whole_student_and_only_rank_0_reads_the_weights(ddp_ranks, teacher_dir):
+    from binarymos.footprint import load_config
+    from binarymos.plan import count, estimate
+
+    terms = estimate(count(load_config(str(teacher_dir)), num_experts=2), gpus=1, seq_len=32, batch=2)["terms"]
+    for r in (0, 1):
+        held = json.loads((ddp_ranks / f"bytes-rank{r}.json").read_text())
+        assert held == {"params": terms["weights"], "trainable": terms["gradients"]}
+    calls = [json.loads((ddp_ranks / f"calls-rank{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0]["from_pretrained"] == 1 and calls[1] == {"from_pretrained": 0, "from_linear": 0}
+
+
+@pytest.mark.parametrize("memory_over_plan, want", [(1 / 0.75 * 1.01, "ddp"), (1 / 0.75 * 0.99, "fsdp")])
+def test_auto_strategy_replicates_where_the_one_gpu_plan_fits_three_quarters_of_the_gpu(
+        monkeypatch, teacher_dir, memory_over_plan, want):
+    from types import SimpleNamespace
+
+    from binarymos.distributed import Env
+    from binarymos.footprint import load_config
+    from binarymos.plan import count, estimate
+    from binarymos.train import choose_strategy
+
+    config = load_config(str(teacher_dir))
+    cfg = TrainConfig(model=str(teacher_dir), seq_len=64, batch_size=2)
+    need = estimate(count(config, 4), gpus=1, seq_len=64, batch=2)["total_checkpointed"]  # one process: fp32 stream
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=int(need * memory_over_plan)))
+    gpu = Env(0, 2, torch.device("cuda", 0))
+    assert choose_strategy(cfg, config, gpu) == want
+    assert choose_strategy(TrainConfig(strategy="fsdp"), config, gpu) == "fsdp"
+    assert choose_strategy(cfg, config, Env(0, 2, torch.device("cpu"))) == "fsdp"  # no GPU to plan against
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy must be one of auto, ddp, fsdp"):
+        TrainConfig(strategy="zero3")

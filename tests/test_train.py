@@ -106,6 +106,14 @@ def test_sigterm_saves_the_finished_step_and_resume_reaches_the_same_weights(tea
     assert all(torch.equal(full[n], resumed[n]) for n in full)
 
 
+def test_time_budget_logs_its_last_step_whatever_log_every(teacher_dir, text_file, tmp_path):
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=None, max_minutes=1.5 / 60, log_every=10**6))
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert final["step"] > 0 and [r["step"] for r in log] == [final["step"]]
+    assert log[0]["tokens"] == 64 * final["step"] and log[0]["train_seconds"] <= final["seconds"]
+
+
 def test_time_budget_stops_on_time_follows_the_schedule_over_time_and_resumes_the_clock(teacher_dir, text_file,
                                                                                           tmp_path, monkeypatch):
     budget = 3.0  # seconds

@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute blocks in backward (default: on a GPU only where the run would not fit without)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+                   help="under torchrun / accelerate launch: ddp copies both models to every GPU, fsdp shards them "
+                        "(FSDP2); auto: ddp where the run fits one GPU (binarymos plan), else fsdp")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _add_eval_args(p, "")
     p.set_defaults(func=_cmd_train)

@@ -1,7 +1,15 @@
-"""Distillation over several GPUs (or CPU processes) with PyTorch FSDP2, and sharded checkpoints.
+"""Distillation over several GPUs (or CPU processes) with PyTorch FSDP2 or DDP, and sharded checkpoints.
 
 ``torchrun`` and ``accelerate launch`` set RANK, WORLD_SIZE and LOCAL_RANK; with WORLD_SIZE unset
 (or 1) nothing here starts a process group and train.py runs its plain single-process loop.
+
+Two strategies (``Env.strategy``; train.choose_strategy picks one):
+
+- ``fsdp``: both models sharded per decoder block (below). For models that do not fit one GPU.
+- ``ddp``: every rank holds both models whole, as one process does, and DistributedDataParallel
+  averages the gradients of the trainable parameters, overlapped with the backward pass. For models
+  that fit: it computes exactly what one process computes (float32 residual stream, no per-block
+  all-gathers), so its loss curve is one process's and it scales with the GPUs.
 
 How the work is split over W ranks:
 
@@ -12,8 +20,8 @@ How the work is split over W ranks:
 - student: every decoder block is one FSDP2 unit (latent weights, scales, router, gradients and
   AdamW state split over the ranks); embeddings, final norm and LM head form the root unit. On CUDA
   blocks are all-gathered in bf16 and gradients reduce-scattered in fp32.
-- teacher: frozen and sharded the same way, always (one code path; at 7B a replicated bf16
-  teacher would cost 13.5 GB per GPU), all-gathered block by block in its forward.
+- teacher: frozen and sharded the same way under FSDP2 (at 7B a replicated bf16 teacher would cost
+  13.5 GB per GPU), all-gathered block by block in its forward; whole on every rank under DDP.
 - loading: only rank 0 reads the weights, binarizes, samples the teacher's text and evaluates; the
   other ranks build both models on the meta device and receive their shards (and the text) from
   rank 0, so only host 0 ever holds a whole model. They wait for it in a collective, hence the long
@@ -57,10 +65,16 @@ class Env:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    strategy: str = "fsdp"  # of several ranks: "fsdp" (shards) or "ddp" (replicas)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds a shard of the models (FSDP2), not the whole of them."""
+        return self.distributed and self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -116,7 +130,8 @@ def init(device: str | None = None) -> Env:
 
 
 def place(env: Env, teacher, student):
-    """Both models on env.device: moved whole in one process, sharded per decoder block under FSDP2.
+    """Both models on env.device: moved whole in one process, sharded per decoder block under FSDP2,
+    copied from rank 0 to every rank under DDP (the student then wrapped in DistributedDataParallel).
 
     Under FSDP2 rank 0 holds the weights and the other ranks meta-device models (train.prepare): each
     model is sharded, the other ranks allocate their empty shards, and rank 0's full state dict is
@@ -126,6 +141,17 @@ def place(env: Env, teacher, student):
     """
     if not env.distributed:
         return teacher.to(env.device), student.to(env.device)
+    if env.strategy == "ddp":
+        for model in (teacher, student):
+            full = model.to(env.device).state_dict() if env.is_main else {}
+            if not env.is_main:
+                model.to_empty(device=env.device)
+                model.tie_weights()  # to_empty gives tied parameters separate storage
+            _broadcast_from_main(env, model, full)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device] if env.device.type == "cuda" else None
+        return teacher, DistributedDataParallel(student, device_ids=ids, gradient_as_bucket_view=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -140,15 +166,25 @@ def place(env: Env, teacher, student):
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=model is teacher)
         if not env.is_main:
             model.to_empty(device=env.device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for buffer in model.buffers():  # the non-persistent ones (rotary inv_freq ...) are in no state dict
-            dist.broadcast(buffer, src=0)
+        _broadcast_from_main(env, model, full)
     return teacher, student
 
 
+def _broadcast_from_main(env: Env, model, full: dict) -> None:
+    """Rank 0's state dict ``full`` into every rank's model (its shards, under FSDP2), and its buffers."""
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # the non-persistent ones (rotary inv_freq ...) are in no state dict
+        dist.broadcast(buffer, src=0)
+
+
+def unwrap(student):
+    """The model itself: DDP's wrapper removed (FSDP2 and one process leave the model as it is)."""
+    return getattr(student, "module", student)
+
+
 def full_state_dict(env: Env, student) -> dict | None:
-    """The student's whole state dict on rank 0 (CPU), for save_pretrained; None in one process."""
-    if not env.distributed:
+    """The student's whole state dict on rank 0 (CPU), for save_pretrained; None where a rank holds it whole."""
+    if not env.sharded:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

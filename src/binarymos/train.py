@@ -26,7 +26,8 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,9 @@ RECIPES = {
     "paper": dict(lr_weight=2e-5, lr_scale=2e-5, kl_reduction="batchmean", hidden_weight=10.0,
                   hidden_norm="none", warmup=0.03, weight_decay=0.0, batch_size=4),
 }
+
+
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -104,6 +108,9 @@ class TrainConfig:
     # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
     # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); off in every measured run
     bf16_compute: bool = False
+    # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
+    # where the one-GPU plan fits the GPU (choose_strategy)
+    strategy: str = "auto"
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -113,6 +120,8 @@ class TrainConfig:
                 setattr(self, key, value)
         if self.kl_reduction not in ("token", "batchmean"):
             raise ValueError(f"kl_reduction must be 'token' or 'batchmean', got {self.kl_reduction!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.hidden_norm not in ("teacher", "none"):
             raise ValueError(f"hidden_norm must be 'teacher' or 'none', got {self.hidden_norm!r}")
         for key in ("seq_len", "batch_size", "grad_accum", "log_every", "save_every", "teacher_samples",
@@ -299,7 +308,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
-    if cfg.bf16_compute and not env.distributed:  # FSDP2 computes with bf16 parameters already
+    if cfg.bf16_compute and not env.sharded:  # FSDP2 computes with bf16 parameters already
         for p in student.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
@@ -308,6 +317,31 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         teacher.compile()
         student.compile()
     return teacher, student, tokenizer, blocks
+
+
+def planned_memory(cfg: TrainConfig, config, gpus: int) -> dict:
+    """binarymos.plan's estimate for this run with its student sharded over ``gpus``."""
+    from .plan import count, estimate
+
+    return estimate(count(config, cfg.num_experts), gpus, cfg.seq_len, cfg.batch_size,
+                    residual=2 if cfg.bf16_compute else None)
+
+
+def choose_strategy(cfg: TrainConfig, config, env: distributed.Env) -> str:
+    """How several ranks share the run: cfg.strategy, or for "auto" "ddp" where the one-GPU plan of the run
+    (binarymos.plan, with checkpointing if that is what it takes) fits 75 % of this GPU, else "fsdp".
+
+    DDP computes what one process computes with no per-block all-gathers: SmolLM2-135M trained at 1.24x
+    one GPU's tokens/s on 2 GPUs under FSDP2 (docs/RESULTS.md, issue 6). On the CPU (gloo, tests) there
+    is no GPU to plan against: "fsdp", the path that works at any size.
+    """
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    if env.device.type != "cuda":
+        return "fsdp"
+    need = planned_memory(cfg, config, 1)
+    need = need["total"] if cfg.grad_checkpointing is False else need["total_checkpointed"]
+    return "ddp" if need <= 0.75 * torch.cuda.get_device_properties(env.device).total_memory else "fsdp"
 
 
 def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> bool:
@@ -322,16 +356,17 @@ def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> 
         return cfg.grad_checkpointing
     if env.device.type != "cuda":
         return False
-    from .plan import count, estimate
-
-    need = estimate(count(config, cfg.num_experts), env.world_size, cfg.seq_len, cfg.batch_size,
-                    residual=2 if cfg.bf16_compute else None)["total"]
+    need = planned_memory(cfg, config, env.world_size if env.sharded else 1)["total"]
     return need > 0.75 * torch.cuda.get_device_properties(env.device).total_memory
 
 
 def train(cfg: TrainConfig):
-    """Run (or resume) a distillation; returns the trained student. Under torchrun: this rank's FSDP shard of it."""
+    """Run (or resume) a distillation; returns the trained student. Under FSDP2: this rank's shard of it."""
     env = distributed.init(cfg.device)
+    if env.distributed:
+        from .footprint import load_config
+
+        env = replace(env, strategy=choose_strategy(cfg, load_config(cfg.model), env))
     out, log_path = Path(cfg.out), Path(cfg.out) / "log.jsonl"
     found = distributed.latest_checkpoint(out)
     if cfg.resume and found is None:
@@ -350,14 +385,16 @@ def train(cfg: TrainConfig):
     budget = cfg.max_minutes * 60 if steps is None else None
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        chosen = {"strategy": env.strategy} if env.distributed else {}  # what "auto" became
+        (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16_compute)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
+    ddp = env.distributed and not env.sharded
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
                unit="step" if steps else "s", dynamic_ncols=True, disable=not env.is_main)
     with bar, open(log_path if env.is_main else os.devnull, "a") as log, _StopOnSigterm() as stop:  # one log: rank 0's
-        t0, step = time.perf_counter(), start
+        t0, step, unlogged = time.perf_counter(), start, None
         while steps is None or step < steps:
             # the same clock and stop decision on every rank (one process: no communication)
             clock = env.mean({"seconds": trained_seconds + time.perf_counter() - t0, "stop": float(stop.requested)})
@@ -378,13 +415,15 @@ def train(cfg: TrainConfig):
                 ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                 with torch.no_grad(), autocast:
                     t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
-                with autocast:
-                    s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
-                loss, parts = distillation_loss(s_out, t_out, cfg)
-                values = env.mean({"loss": loss.item(), **parts})  # every rank stops together on a NaN
-                if not math.isfinite(values["loss"]):
-                    raise _diverged(f"loss is {values['loss']}", step, out)
-                (loss / cfg.grad_accum).backward()
+                # DDP averages the gradients once per step, in the last micro-batch's backward
+                with student.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext():
+                    with autocast:
+                        s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
+                    loss, parts = distillation_loss(s_out, t_out, cfg)
+                    values = env.mean({"loss": loss.item(), **parts})  # every rank stops together on a NaN
+                    if not math.isfinite(values["loss"]):
+                        raise _diverged(f"loss is {values['loss']}", step, out)
+                    (loss / cfg.grad_accum).backward()
                 del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
                 for key in values:
                     terms[key] += values[key] / cfg.grad_accum
@@ -396,21 +435,25 @@ def train(cfg: TrainConfig):
             step += 1
             seconds = trained_seconds + time.perf_counter() - t0  # this rank's; logged and saved by rank 0
             last = step == steps
+            rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
+            unlogged = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
+                        "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
+                        "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
             if step % cfg.log_every == 0 or last:
-                rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
-                record = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
-                          "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
-                          "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps(unlogged) + "\n")
                 log.flush()
+                unlogged = None
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
                                 tok_s=f"{rate:.0f}")
             bar.update(1 if steps else min(round(seconds), round(budget)) - bar.n)
             if step % cfg.save_every == 0 or last:
                 save_checkpoint(out, student, optimizer, step, cfg, env, seconds)
-        if budget is not None:  # the step counts of a time budget are known only now
+        if unlogged is not None:  # a time budget's last step, known only now
+            log.write(json.dumps(unlogged) + "\n")
+        if budget is not None:  # saved with the clock that ended the budget, so a resume does not step again
             save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
-    if cfg.bf16_compute and not env.distributed:
+    student = distributed.unwrap(student)
+    if cfg.bf16_compute and not env.sharded:
         student.float()  # a plain float32 model again, usable outside autocast
     state = distributed.full_state_dict(env, student)
     if env.is_main:
