@@ -119,7 +119,8 @@ def read_run(out: Path) -> dict:
 
 def compare(name: str, one: dict, two: dict) -> dict:
     diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(two["loss"], one["loss"])]
-    planner = [p / r["planned_gb"] - 1 for r in (one, two) for p in r["peaks_gb"] if r["planned_gb"]]
+    # the measure: the estimate's error relative to the measured peak
+    planner = [r["planned_gb"] / p - 1 for r in (one, two) for p in r["peaks_gb"] if r["planned_gb"] and p]
     return {"model": name, "one_gpu": one, "two_gpus": two,
             "speedup": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
             "loss_max_rel_diff": round(max(diffs), 5), "loss_mean_rel_diff": round(sum(diffs) / len(diffs), 5),
