@@ -106,7 +106,8 @@ class TrainConfig:
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
     compile: bool = False           # torch.compile the student and the teacher
     # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
-    # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); off in every measured run
+    # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); measured +12 % tokens/s and
+    # -32 % memory (SmolLM2, batch 8, H200), not yet perplexity at a budget, hence opt-in
     bf16_compute: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)
@@ -331,9 +332,11 @@ def choose_strategy(cfg: TrainConfig, config, env: distributed.Env) -> str:
     """How several ranks share the run: cfg.strategy, or for "auto" "ddp" where the one-GPU plan of the run
     (binarymos.plan, with checkpointing if that is what it takes) fits 75 % of this GPU, else "fsdp".
 
-    DDP computes what one process computes with no per-block all-gathers: SmolLM2-135M trained at 1.24x
-    one GPU's tokens/s on 2 GPUs under FSDP2 (docs/RESULTS.md, issue 6). On the CPU (gloo, tests) there
-    is no GPU to plan against: "fsdp", the path that works at any size.
+    DDP computes what one process computes with no per-block all-gathers: on 2 H200 SmolLM2-135M trained
+    at 1.96x one GPU's tokens/s with DDP and 1.23x with FSDP2; 8 blocks of the LLaMA-2-7B shape, which
+    fit one GPU, at 1.69x with DDP but 1.90x with FSDP2 (docs/RESULTS.md, issue 6): for blocks that large
+    pass "fsdp". On the CPU (gloo, tests) there is no GPU to plan against: "fsdp", the path that works at
+    any size.
     """
     if cfg.strategy != "auto":
         return cfg.strategy
