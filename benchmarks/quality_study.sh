@@ -124,13 +124,10 @@ EOF
 lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side on GPUs 0 and 1 where there are two
     SHORT=${SHORT_MINUTES:-10}
     python -c "from binarymos.models import loadable; loadable('$G')"
-    gemma_runs() {
-        timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 &
-        [ "$(nvidia-smi -L | wc -l)" -ge 2 ] || wait
-        timed_run 1 gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 &
-        wait
-    }
-    gemma_runs
+    timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 &
+    [ "$(nvidia-smi -L | wc -l)" -ge 2 ] || wait  # one GPU: one run after the other
+    timed_run 1 gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 &
+    wait
     CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" > "$W/gemma-fp.log" 2>&1
     touch "$W/done"
     ;;

@@ -51,7 +51,16 @@ def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
     assert err.count("\n") == 1 and err.startswith("binarymos: error: ") and message in err
 
 
-@pytest.mark.parametrize("argv", [["eval", "--ppl", "ptb"], ["train", "--max-steps", "many"], ["nosuchverb"]])
+def test_train_strategy_reaches_the_training_config():
+    from binarymos.cli import _train_config, build_parser
+
+    for strategy in ("auto", "ddp", "fsdp"):
+        assert _train_config(build_parser().parse_args(["train", "--strategy", strategy])).strategy == strategy
+    assert _train_config(build_parser().parse_args(["train"])).strategy == "auto"
+
+
+@pytest.mark.parametrize("argv", [["eval", "--ppl", "ptb"], ["train", "--max-steps", "many"], ["nosuchverb"],
+                                  ["train", "--strategy", "zero3"]])
 def test_bad_arguments_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

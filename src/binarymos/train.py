@@ -328,6 +328,12 @@ def planned_memory(cfg: TrainConfig, config, gpus: int) -> dict:
                     residual=2 if cfg.bf16_compute else None)
 
 
+def _fits_gpu(need: int, env: distributed.Env) -> bool:
+    """Whether ``need`` bytes (a planner estimate) stay within 75 % of this rank's GPU: more margin than the
+    planner's 90 %, because its estimate was off by up to 21 % on measured runs (docs/SCALING.md)."""
+    return need <= 0.75 * torch.cuda.get_device_properties(env.device).total_memory
+
+
 def choose_strategy(cfg: TrainConfig, config, env: distributed.Env) -> str:
     """How several ranks share the run: cfg.strategy, or for "auto" "ddp" where the one-GPU plan of the run
     (binarymos.plan, with checkpointing if that is what it takes) fits 75 % of this GPU, else "fsdp".
@@ -343,8 +349,8 @@ def choose_strategy(cfg: TrainConfig, config, env: distributed.Env) -> str:
     if env.device.type != "cuda":
         return "fsdp"
     need = planned_memory(cfg, config, 1)
-    need = need["total"] if cfg.grad_checkpointing is False else need["total_checkpointed"]
-    return "ddp" if need <= 0.75 * torch.cuda.get_device_properties(env.device).total_memory else "fsdp"
+    return "ddp" if _fits_gpu(need["total" if cfg.grad_checkpointing is False else "total_checkpointed"], env) \
+        else "fsdp"
 
 
 def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> bool:
@@ -352,15 +358,13 @@ def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> 
 
     Recomputing the blocks costs tokens/s: SmolLM2-135M at batch 2 x 2048 trained at 7.8k tokens/s
     with it and 12.5k without, alone on an H200 (docs/RESULTS.md). So it is on only where
-    binarymos.plan's estimate without it exceeds 75 % of the GPU (that estimate is unchecked on
-    GPUs, hence more margin than the planner's 90 %). On the CPU it is off.
+    binarymos.plan's estimate without it exceeds 75 % of the GPU (_fits_gpu). On the CPU it is off.
     """
     if cfg.grad_checkpointing is not None:
         return cfg.grad_checkpointing
     if env.device.type != "cuda":
         return False
-    need = planned_memory(cfg, config, env.world_size if env.sharded else 1)["total"]
-    return need > 0.75 * torch.cuda.get_device_properties(env.device).total_memory
+    return not _fits_gpu(planned_memory(cfg, config, env.world_size if env.sharded else 1)["total"], env)
 
 
 def train(cfg: TrainConfig):
