@@ -111,7 +111,7 @@ def test_time_budget_logs_its_last_step_whatever_log_every(teacher_dir, text_fil
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert final["step"] > 0 and [r["step"] for r in log] == [final["step"]]
-    assert log[0]["tokens"] == 64 * final["step"] and log[0]["train_seconds"] <= final["seconds"]
+    assert log[0]["tokens"] == 64 * final["step"] and log[0]["train_seconds"] <= final["seconds"] + 5e-4  # logged to the ms
 
 
 def test_time_budget_stops_on_time_follows_the_schedule_over_time_and_resumes_the_clock(teacher_dir, text_file,
