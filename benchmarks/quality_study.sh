@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/quality_study.sh session      # 4 GPUs, ~23 minutes, detached (below); returns at once
 #   bash benchmarks/quality_study.sh session gemma  # 1-2 GPUs, ~24 / 12 minutes: the second architecture
-#   bash benchmarks/quality_study.sh session x2     # 2 GPUs: issue 6's scaling runs, then `gemma` once $G exists
+#   bash benchmarks/quality_study.sh session x2     # 2 GPUs, ~8 minutes: issue 6's planner check and noise floor
 #   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~15 minutes: --bf16-compute against the default
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
@@ -131,20 +131,11 @@ lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side on 
     CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" > "$W/gemma-fp.log" 2>&1
     touch "$W/done"
     ;;
-lanes-x2)  # what `session x2` runs detached: issue 6's scaling, then (once $G exists) the Gemma lanes
-    S="python $(dirname "$0")/scaling.py --model $M --steps 30"
+lanes-x2)  # what `session x2` runs detached: issue 6's planner check on new configurations and the noise floor
     python -c "from binarymos.models import loadable; loadable('$M')"
-    export CUDA_VISIBLE_DEVICES=0,1
-    BINARYMOS_BENCH_WORK=$W/scaling-work $S --only smollm2 --out "$W/scaling-smollm2" \
-        --config-extra '{"batch_size": 8, "grad_checkpointing": false}' > "$W/scaling-smollm2.log" 2>&1
-    BINARYMOS_BENCH_WORK=$W/scaling-work $S --only llama7b,resume --out "$W/scaling-llama7b" > "$W/scaling-llama7b.log" 2>&1
-    BINARYMOS_BENCH_WORK=$W/scaling-bf16 $S --only smollm2 --strategies ddp --out "$W/scaling-bf16" \
-        --config-extra '{"batch_size": 8, "grad_checkpointing": false, "bf16_compute": true}' \
-        > "$W/scaling-bf16.log" 2>&1
-    unset CUDA_VISIBLE_DEVICES
-    touch "$W/scaling-done"
-    for ((i = 0; i < 60; i++)); do [ -f "$G" ] && break; sleep 10; done
-    [ -f "$G" ] && bash "$0" lanes-gemma
+    CUDA_VISIBLE_DEVICES=0,1 BINARYMOS_BENCH_WORK=$W/scaling-work python "$(dirname "$0")/scaling.py" --model "$M" \
+        --steps 30 --only noise,planner --out "$W/scaling-check" \
+        --config-extra '{"batch_size": 8, "grad_checkpointing": false}' > "$W/scaling-check.log" 2>&1
     touch "$W/done"
     ;;
 lanes-bf16)  # what `session bf16` runs detached, on one GPU

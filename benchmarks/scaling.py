@@ -1,14 +1,17 @@
 """Issue 6's measurements on a 2-GPU machine: FSDP2 throughput, loss-curve match, kill-and-resume, planner.
 
     python benchmarks/scaling.py --out $OUT                       # everything (under 9.5 minutes on 2 H200)
-    python benchmarks/scaling.py --out $OUT --only smollm2        # or: llama7b, resume
+    python benchmarks/scaling.py --out $OUT --only smollm2        # or: llama7b, resume, planner, noise
 
 For each model (smollm2-135m; a LLaMA-2-7B-shaped model with random weights, --layers of its 32
 blocks and SmolLM2's tokenizer) it distils --steps steps on 1 GPU (a plain process, batch b x
 grad_accum 2) and on 2 GPUs (torchrun, batch b per GPU) once per --strategies (ddp, fsdp): the same
 global batch, seed and data, so the loss curves should agree. Every run records torch.cuda.max_memory_allocated per rank next to the
 planner's estimate (binarymos.plan). ``resume`` kills a 2-GPU smollm2 run after its first checkpoint
-and resumes it in one process. Results: OUT/scaling.json and OUT/scaling.md.
+and resumes it in one process. ``planner`` makes short runs (PLANNER_STEPS steps) of configurations
+the planner was not built from, each peak against its estimate. ``noise`` runs the one-GPU smollm2 run
+twice at once, one per GPU, same seed: how far two runs that should be equal part (the noise floor of
+the loss-curve comparison). Results: OUT/scaling.json and OUT/scaling.md.
 
 Runs live in $BINARYMOS_BENCH_WORK (default /tmp/binarymos-scaling): a variant (--config-extra) needs
 its own, since a run directory is never overwritten.
@@ -27,6 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 3  # left out of tokens/s: allocator warm-up, first all-gathers
+PLANNER_STEPS = 4  # enough for every phase of a step to have peaked (the optimizer's state exists from step 1)
+# (LLaMA-2-7B-shape blocks, GPUs, strategy, batch per GPU, grad_accum, checkpointing): each peaks at a different
+# moment of plan.py's step (backward's start, with or without gradients kept; the optimizer step)
+PLANNER_RUNS = [(8, 2, "fsdp", 2, 1, False), (8, 2, "fsdp", 1, 2, False), (8, 2, "fsdp", 1, 2, True),
+                (8, 1, "fsdp", 1, 1, True)]
 
 
 def run_one(args) -> None:
@@ -62,7 +70,7 @@ def run_one(args) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         env = Env(rank, world, device)
         env = Env(rank, world, device, choose_strategy(cfg, config, env))  # as train decided
-        result = planned_memory(cfg, config, world if env.sharded else 1)
+        result = planned_memory(cfg, config, world, env.strategy)
         planned = result["total_checkpointed" if needs_grad_checkpointing(cfg, config, env) else "total"]
     (Path(cfg.out) / f"peak-rank{rank}.json").write_text(json.dumps(
         {"max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else 0, "planned": planned, "world_size": world}))
@@ -93,18 +101,22 @@ def model_dir(name: str, layers: int, work: Path, source: str = "smollm2-135m") 
     return str(target)
 
 
-def launch(cfg: dict, gpus: int, kill: bool = False) -> None:
+def launch(cfg: dict, gpus: int, kill: bool = False, gpu_index: int = 0, wait: bool = True):
+    """Run ``cfg`` on ``gpus`` GPUs (one: the gpu_index-th visible one); without ``wait``, return the process."""
     cmd = [str(Path(__file__)), "run", "--config", json.dumps(cfg)] + (["--kill-after-first-checkpoint"] if kill else [])
     if gpus == 1:
         cmd = [sys.executable] + cmd
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible[0])  # the 2-GPU runs' first GPU
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0,1").split(",")
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible[gpu_index])
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] + cmd
         env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     print("+", " ".join(cmd[:6]), "...", cfg["out"], flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    process = subprocess.Popen(cmd, env=env)
+    if wait and process.wait():
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+    return process
 
 
 def read_run(out: Path) -> dict:
@@ -117,8 +129,12 @@ def read_run(out: Path) -> dict:
             "planned_gb": round(peaks[0]["planned"] / 1e9, 3) if peaks and peaks[0]["planned"] else None}
 
 
+def loss_differences(a: dict, b: dict) -> list[float]:
+    return [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a["loss"], b["loss"])]
+
+
 def compare(name: str, one: dict, two: dict) -> dict:
-    diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(two["loss"], one["loss"])]
+    diffs = loss_differences(two, one)
     # the issue's measure: the estimate's error relative to the measured peak
     planner = [r["planned_gb"] / p - 1 for r in (one, two) for p in r["peaks_gb"] if r["planned_gb"] and p]
     return {"model": name, "one_gpu": one, "two_gpus": two,
@@ -151,7 +167,29 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     batch = {"smollm2": 4, "llama7b": 1}
     for name in args.only.split(","):  # in the order given; each one's results are written as soon as they exist
-        if name == "resume":
+        if name == "planner":
+            results["planner"] = []
+            for layers, gpus, strategy, batch_size, accum, checkpointing in PLANNER_RUNS:
+                label = f"llama7b-{layers}l {gpus}gpu {strategy} b{batch_size} ga{accum} ckpt {checkpointing}"
+                run_dir = work / ("planner " + label).replace(" ", "-")
+                launch(dict(model=model_dir("llama7b", layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
+                            batch_size=batch_size, grad_accum=accum, grad_checkpointing=checkpointing, strategy=strategy,
+                            max_steps=PLANNER_STEPS, save_every=10**6, num_experts=4, out=str(run_dir)), gpus)
+                run = read_run(run_dir)
+                results["planner"].append({"run": label, "planned_gb": run["planned_gb"], "peaks_gb": run["peaks_gb"],
+                                           "error": round(run["planned_gb"] / max(run["peaks_gb"]) - 1, 4)})
+                write(out, results)
+        elif name == "noise":
+            base = dict(model=model_dir("smollm2", args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
+                        batch_size=batch["smollm2"], grad_accum=2, max_steps=args.steps, save_every=10**6, num_experts=4)
+            base.update(json.loads(args.config_extra))
+            runs = [launch(dict(base, out=str(work / f"noise-{i}")), 1, gpu_index=i, wait=False) for i in (0, 1)]
+            if any(r.wait() for r in runs):
+                raise RuntimeError("a noise-floor run failed")
+            diffs = loss_differences(read_run(work / "noise-0"), read_run(work / "noise-1"))
+            results["noise"] = {"config": base, "loss_mean_rel_diff": round(sum(diffs) / len(diffs), 5),
+                                "loss_max_rel_diff": round(max(diffs), 5)}
+        elif name == "resume":
             base = dict(model=model_dir("smollm2", args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
                         batch_size=4, max_steps=12, save_every=6, num_experts=4, out=str(work / "resume"))
             launch(dict(base, grad_accum=1), 2, kill=True)
@@ -182,7 +220,7 @@ def write(out: Path, results: dict) -> None:
 def markdown(results: dict) -> str:
     lines = ["| model | tokens/s 1 GPU | tokens/s 2 GPUs | speedup | loss max rel diff | peak GB 1 / 2 GPUs "
              "| planned GB 1 / 2 | planner error |", "|---|---:|---:|---:|---:|---|---|---:|"]
-    for r in (v for k, v in results.items() if k != "resume"):
+    for r in (v for k, v in results.items() if k not in ("resume", "planner", "noise")):
         one, two = r["one_gpu"], r["two_gpus"]
         lines.append(f"| {r['model']} | {one['tokens_per_s']:,.0f} | {two['tokens_per_s']:,.0f} | {r['speedup']:.2f}x "
                      f"| {r['loss_max_rel_diff']:.2e} | {one['peaks_gb']} / {two['peaks_gb']} "
@@ -190,6 +228,13 @@ def markdown(results: dict) -> str:
     if "resume" in results:
         lines.append(f"\nkill on 2 GPUs after step 6, resume on 1: steps {results['resume']['steps']}, "
                      f"finished: {results['resume']['finished']}")
+    if "noise" in results:
+        noise = results["noise"]
+        lines.append(f"\ntwo one-GPU runs of one seed (noise floor): loss mean / max relative difference "
+                     f"{noise['loss_mean_rel_diff']:.2%} / {noise['loss_max_rel_diff']:.2%}")
+    if "planner" in results:
+        lines += ["\n| planner run | planned GB | measured peak GB per rank | error |", "|---|---:|---|---:|"]
+        lines += [f"| {r['run']} | {r['planned_gb']} | {r['peaks_gb']} | {r['error']:+.1%} |" for r in results["planner"]]
     return "\n".join(lines) + "\n"
 
 

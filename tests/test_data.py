@@ -1,12 +1,17 @@
 """Text sources and the field's perplexity windows, against the files read directly."""
 import gzip
 import json
+import math
 
 import pytest
+import torch
 
-from binarymos.data import DataError, documents, eval_windows, token_blocks
+from binarymos.data import DataError, documents, eval_windows, needs_bos, token_blocks
+from binarymos.eval import perplexity
 from conftest import SHARED_DATA
-from pack_helpers import encode, tiny_tokenizer
+from pack_helpers import SPECIALS, encode, tiny_lm, tiny_tokenizer
+
+BOS = SPECIALS.index("<s>")
 
 
 def c4_sample():
@@ -19,18 +24,62 @@ def test_wikitext2_windows_follow_the_protocol():
     ids = encode(_printable("\n\n".join(rows)[:5000]))
     windows = eval_windows(_AsciiTokenizer(), "wikitext2", seq_len=64, max_windows=3)
     assert windows.shape == (3, 64)
-    assert windows.flatten().tolist() == ids[:192]
+    assert windows.flatten().tolist() == ([BOS] + ids)[:192]  # one stream: only the first window has the BOS
 
 
 def test_c4_is_gptq_c4_new_and_never_overlaps_training_text():
     docs = c4_sample()
     windows = eval_windows(_AsciiTokenizer(), "c4", seq_len=1024)
-    expected = encode(_printable(" ".join(docs[:1100])))
+    expected = [BOS] + encode(_printable(" ".join(docs[:1100])))
     assert windows.shape == (256, 1024)  # the first 256 windows
     assert windows.flatten().tolist() == expected[: 256 * 1024]
     train, valid, test = (set(documents("c4", s)) for s in ("train", "validation", "test"))
     assert test == set(docs[:1100]) and len(train) == len(docs) - 1200
     assert not (train & test) and not (train & valid) and not (valid & test)
+
+
+def test_bos_windows_are_the_bos_then_the_stream_without_special_tokens():
+    rows = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().split("\n")
+    ids = encode(_printable("\n\n".join(rows)[:5000]))
+    windows = eval_windows(_AsciiTokenizer(), "wikitext2", seq_len=64, max_windows=3, bos_token_id=BOS)
+    assert windows.shape == (3, 64)
+    assert windows[:, 0].tolist() == [BOS] * 3
+    assert windows[:, 1:].flatten().tolist() == ids[:3 * 63]  # no second BOS from the tokenizer
+
+
+def test_bos_windows_keep_the_c4_cap():
+    expected = encode(_printable(" ".join(c4_sample()[:1100])))
+    windows = eval_windows(_AsciiTokenizer(), "c4", seq_len=1024, bos_token_id=BOS)
+    assert windows.shape == (256, 1024) and windows[:, 0].tolist() == [BOS] * 256
+    assert windows[:, 1:].flatten().tolist() == expected[: 256 * 1023]
+
+
+@pytest.mark.parametrize("arch, bos_first", [("gemma3_text", True), ("llama", False)])
+def test_perplexity_puts_the_bos_before_every_window_only_for_gemma(arch, bos_first):
+    rows = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text().split("\n")
+    stream = encode(_printable("\n\n".join(rows)[:1000]))
+    if bos_first:
+        windows = [[BOS] + stream[i * 31:(i + 1) * 31] for i in range(4)]
+    else:
+        flat = [BOS] + stream
+        windows = [flat[i * 32:(i + 1) * 32] for i in range(4)]
+    model = tiny_lm(arch)
+    nll = []
+    with torch.no_grad():
+        for window in torch.tensor(windows):
+            logp = torch.log_softmax(model(window[None]).logits[0, :-1].double(), -1)
+            nll.append(-logp[torch.arange(31), window[1:]].mean().item())
+    want = math.exp(sum(nll) / len(nll))
+    assert perplexity(model, _AsciiTokenizer(), "wikitext2", seq_len=32, max_windows=4) == pytest.approx(want, rel=1e-5)
+
+
+def test_needs_bos_for_gemma_types_only():
+    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, LlavaConfig,
+                              PaliGemmaConfig)
+
+    assert all(needs_bos(c()) for c in (GemmaConfig, Gemma2Config, Gemma3TextConfig, Gemma3Config))
+    assert needs_bos(PaliGemmaConfig())  # multimodal: its text model is a Gemma
+    assert not needs_bos(LlamaConfig()) and not needs_bos(LlavaConfig())
 
 
 def test_wikitext2_splits_come_from_their_own_files():
@@ -64,6 +113,21 @@ def test_token_blocks_join_documents_with_eos():
     assert blocks.shape == (2, 3) and blocks.flatten().tolist() == flat[:6]
 
 
+def test_token_blocks_with_bos_are_the_bos_then_the_stream():
+    tok = tiny_tokenizer()
+    eos = tok.eos_token_id
+    docs = ["hello world", "a second document", "and a third"]
+    stream = [i for doc in docs for i in encode(doc) + [eos]]
+    blocks = token_blocks(tok, docs, seq_len=8, bos_token_id=BOS)
+    assert blocks.shape == (len(stream) // 7, 8)
+    assert blocks[:, 0].tolist() == [BOS] * len(blocks)
+    assert blocks[:, 1:].flatten().tolist() == stream[: len(blocks) * 7]
+    with pytest.raises(DataError, match="not one block"):
+        token_blocks(tok, ["ab"], seq_len=8, bos_token_id=BOS)
+    with pytest.raises(DataError, match="no room"):
+        token_blocks(tok, docs, seq_len=1, bos_token_id=BOS)
+
+
 @pytest.mark.parametrize("name, match", [("nosuch", "unknown data"), ("/no/such/file.txt", "no such file")])
 def test_bad_data_is_a_clear_error(name, match):
     with pytest.raises(DataError, match=match):
@@ -83,7 +147,10 @@ def _printable(text: str) -> str:
 
 
 class _AsciiTokenizer:
-    """tiny_tokenizer's ids, with any character outside its alphabet read as '?'."""
+    """tiny_tokenizer's ids, with any character outside its alphabet read as '?'; like LLaMA's
+    tokenizer it puts its BOS in front unless asked not to."""
 
-    def __call__(self, text, return_tensors=None):
-        return {"input_ids": encode(_printable(text))}
+    bos_token_id = BOS
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        return {"input_ids": [BOS] * add_special_tokens + encode(_printable(text))}

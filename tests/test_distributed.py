@@ -320,7 +320,8 @@ def test_auto_strategy_replicates_where_the_one_gpu_plan_fits_three_quarters_of_
 
     config = load_config(str(teacher_dir))
     cfg = TrainConfig(model=str(teacher_dir), seq_len=64, batch_size=2)
-    need = estimate(count(config, 4), gpus=1, seq_len=64, batch=2)["total_checkpointed"]  # one process: fp32 stream
+    # each DDP rank plans like one process (fp32 stream) that keeps its gradients (DDP's buckets)
+    need = estimate(count(config, 4), gpus=2, seq_len=64, batch=2, strategy="ddp")["total_checkpointed"]
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(total_memory=int(need * memory_over_plan)))
     gpu = Env(0, 2, torch.device("cuda", 0))

@@ -1,22 +1,25 @@
 """Teacher-written training text: the batched, cached sampler against a plain loop; the disk cache; training on it."""
 import pytest
 import torch
-from pack_helpers import SPECIALS, tiny_lm, tiny_tokenizer
+from pack_helpers import SPECIALS, encode, tiny_lm, tiny_tokenizer
 
 from binarymos import synth
 from binarymos.data import DataError
 from binarymos.train import TrainConfig, prepare
 
+BOS = SPECIALS.index("<s>")
+
 
 @torch.no_grad()
-def plain_sampling(model, count, seq_len, temperature, seed):
-    """The documented contract, one sequence at a time, the whole prefix through the model at every step."""
+def plain_sampling(model, count, seq_len, temperature, seed, bos=None):
+    """The documented contract, one sequence at a time, the whole prefix through the model at every step;
+    with ``bos``, each sequence is that id, the drawn first token, then tokens 2.. sampled by columns 2.."""
     u = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     starts = list(range(len(SPECIALS), model.config.vocab_size))  # every id of the tiny tokenizer but its specials
     rows = []
     for i in range(count):
-        seq = [starts[int(u[i, 0] * len(starts))]]
-        for t in range(1, seq_len):
+        seq = ([] if bos is None else [bos]) + [starts[int(u[i, 0] * len(starts))]]
+        for t in range(len(seq), seq_len):
             logits = model(torch.tensor([seq])).logits[0, -1].float()
             if temperature == 0:
                 seq.append(int(logits.argmax()))
@@ -32,6 +35,24 @@ def test_batched_sampling_with_a_cache_equals_a_plain_loop(temperature):
     model = tiny_lm("llama")
     ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2)
     assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_gemma_teachers_sequences_start_with_its_bos(temperature):
+    model = tiny_lm("gemma3_text")
+    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2)
+    assert ids[:, 0].tolist() == [BOS] * 5 and (ids[:, 1] >= len(SPECIALS)).all()
+    assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7, bos=BOS))
+
+
+def test_sequences_cached_without_a_bos_are_not_read_back_for_a_model_that_needs_one(teacher_dir, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
+    tokenizer = tiny_tokenizer()
+    plain = synth.teacher_tokens(tiny_lm("llama"), tokenizer, str(teacher_dir), 4, 10, seed=3)
+    with_bos = synth.teacher_tokens(tiny_lm("gemma3_text"), tokenizer, str(teacher_dir), 4, 10, seed=3)
+    assert (plain[:, 0] != BOS).all() and (with_bos[:, 0] == BOS).all()
+    assert len(list((tmp_path / "teacher").iterdir())) == 2
 
 
 def test_second_call_reads_the_cache_and_the_key_holds_the_setting(teacher_dir, tmp_path, monkeypatch):
@@ -65,3 +86,20 @@ def test_training_data_is_real_text_then_the_teachers(teacher_dir, text_file, tm
 def test_bad_data_names_are_refused(name):
     with pytest.raises(DataError, match="bad data"):
         synth.split_data(name)
+
+
+def test_a_gemma_teachers_training_blocks_start_with_its_bos(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
+    teacher = tmp_path / "gemma"
+    tiny_lm("gemma3_text").save_pretrained(teacher)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(teacher)
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    (tmp_path / "train.txt").write_text(text)
+    stream = encode(text) + [tokenizer.eos_token_id]
+    blocks = prepare(TrainConfig(model=str(teacher), data=f"teacher+{tmp_path / 'train.txt'}", teacher_samples=3,
+                                 seq_len=16, device="cpu", out=str(tmp_path / "run")))[3]
+    real, sampled = blocks[:len(stream) // 15], blocks[len(stream) // 15:]
+    assert blocks[:, 0].tolist() == [BOS] * len(blocks)
+    assert real[:, 1:].flatten().tolist() == stream[: len(real) * 15]
+    assert torch.equal(sampled, plain_sampling(tiny_lm("gemma3_text"), 3, 16, 1.0, seed=0, bos=BOS))

@@ -158,7 +158,8 @@ def _cmd_footprint(args) -> None:
 def _cmd_plan(args) -> None:
     from .plan import format_plan, parse_bytes, plan
 
-    result = plan(args.config, args.gpus, args.seq_len, args.batch, parse_bytes(args.gpu_memory), args.num_experts)
+    result = plan(args.config, args.gpus, args.seq_len, args.batch, parse_bytes(args.gpu_memory), args.num_experts,
+                  args.grad_accum, args.strategy)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
@@ -336,9 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plan", help="memory per GPU of a (multi-GPU) distillation run, and whether it fits")
     p.add_argument("--config", required=True, help="a built-in name (as for footprint), a config.json or a directory")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs the student and teacher are sharded over (FSDP2)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run")
+    p.add_argument("--strategy", choices=("fsdp", "ddp"), default="fsdp",
+                   help="how the GPUs share the run (train --strategy): fsdp shards the student and teacher, "
+                        "ddp gives each GPU all of it")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch (--batch-size of train)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--grad-accum of train)")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes) or 80GiB")
     p.add_argument("--num-experts", "-E", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

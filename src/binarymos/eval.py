@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import eval_windows
+from .data import eval_windows, leading_bos
 
 
 @torch.no_grad()
@@ -24,11 +24,13 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> torch.Tenso
 
 def perplexity(model, tokenizer, dataset: str = "wikitext2", seq_len: int = 2048,
                max_windows: int | None = None, data_dir=None, batch_size: int = 1) -> float:
-    """exp(mean NLL) over the non-overlapping windows of ``dataset`` (wikitext2 or c4)."""
+    """exp(mean NLL) over the non-overlapping windows of ``dataset`` (wikitext2 or c4), each starting
+    with the BOS for models that need it (data.needs_bos)."""
     was_training = model.training
     model.eval()
     try:
-        windows = eval_windows(tokenizer, dataset, seq_len, data_dir, max_windows)
+        windows = eval_windows(tokenizer, dataset, seq_len, data_dir, max_windows,
+                               leading_bos(model.config, tokenizer))
         return math.exp(window_nll(model, windows, batch_size).mean().item())
     finally:
         model.train(was_training)

@@ -1,24 +1,39 @@
 """`binarymos plan`: the memory per GPU of a distillation run, from a model config alone.
 
 Parameters are counted exactly on a meta-device copy of the model binarized like train.py does it
-(which layers are trained comes from ``train.param_groups``). Per GPU, with W GPUs, a micro-batch
-of B sequences of L tokens (T = B*L) per GPU, n decoder layers, hidden size h, vocabulary V and
-a = 2 bytes per activation (bf16):
+(which layers are trained comes from ``train.param_groups``). Per GPU, with W GPUs sharing the
+student under FSDP2 (W = 1 for one process and for each DDP rank, which holds the whole run), a
+micro-batch of B sequences of L tokens (T = B*L) per GPU, n decoder layers, hidden size h,
+vocabulary V and a = 2 bytes per activation (bf16):
 
     weights      4 * P_student / W        fp32 master: latent weights, scales, router, frozen embeddings/norms/head
     gradients    4 * P_train / W
     adamw        8 * P_train / W          exp_avg and exp_avg_sq in fp32
     teacher      2 * P_teacher / W        bf16, frozen
-    gathered     2 * P_root  (+ for W > 1: 2*2*Pb_student + 2*2*Pb_teacher + 6*Pb_train)
-                 the student's root unit (embeddings, LM head) in bf16 from forward to backward; FSDP2's
-                 units in flight: this and the prefetched block of each model in bf16, one block's bf16
-                 gradients and their fp32 reduce-scatter copy
+    gathered     2 * P_root  (+ for W > 1: 2*2*Pb_student)
+                 the student's root unit (embeddings, LM head) in bf16 from forward to backward; under
+                 FSDP2 also the block it computes and the one it prefetches, in bf16
+    reduce_scatter  for W > 1: 6 * Pb_train    in backward, one block's bf16 gradients and their fp32 copy
+    optimizer_temp  4 * P_train / W        foreach AdamW's sqrt(exp_avg_sq), one temporary per parameter
     activations  no checkpointing:  T * n * A  +  2 * P_binarized          (A per token per layer, below)
                  checkpointing:     T * n * r * h  +  T * A  +  2 * P_binarized / n
                  2 * P_binarized: sign(W) in bf16, saved by every binarized matmul for its backward, unsharded
+    last_block   T * A  +  2 * P_binarized / n      what the backward of the first block still holds
     logits       T * V * 3a  +  3 * 4 * min(T, 4096) * V     student and teacher logits, the student's
                  logit gradient, one float32 chunk of the KL (train.kl_sum) recomputed in backward
     hidden       T * h * (a * (n + 1) + 8 * n)               teacher hidden states, float32 copies in the MSE
+
+The terms are not all alive at once. The peak is the largest of three moments of a step:
+
+    backward starts  weights + adamw + teacher + gathered + logits + hidden + activations
+                     (+ gradients, if they outlive the step: grad_accum > 1, or DDP's gradient buckets)
+    backward ends    weights + adamw + teacher + gradients + gathered + reduce_scatter + last_block
+    optimizer step   weights + adamw + teacher + gradients + optimizer_temp
+
+(train.py runs the teacher's forward first, so its gathered FSDP2 units are freed before the student
+builds its activations, and zero_grad(set_to_none=True) frees the gradients between steps.) Counting
+every term at once, as this planner first did, was 20.6 % above the measured peak of FSDP2 at the
+LLaMA-2-7B shape (docs/SCALING.md).
 
     A = r * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
       + sum over linears of (r + a) * (in + out) + 4E
@@ -111,33 +126,42 @@ def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2) -> 
 
 
 def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2,
-             residual: int | None = None) -> dict:
-    """Bytes per GPU of each term, and the totals with and without gradient checkpointing.
+             residual: int | None = None, grad_accum: int = 1, strategy: str = "fsdp") -> dict:
+    """Bytes per GPU of each term, and the peak with and without gradient checkpointing.
 
-    residual: bytes per value of the student's residual stream (r); default: 4 in one process (float32
-    masters), a under FSDP2 (bf16 parameters); train's bf16_compute makes it 2 in one process too.
+    gpus: the ranks; under strategy "fsdp" they shard the student and the teacher, under "ddp" each
+    holds the whole run and keeps its gradients between steps (DDP's buckets). residual: bytes per
+    value of the student's residual stream (r); default: 4 when one process holds the whole student
+    (float32 masters), a under FSDP2 (bf16 parameters); train's bf16_compute makes it 2 there too.
     """
-    w, t, n = gpus, batch * seq_len, c.layers
+    if strategy not in ("fsdp", "ddp"):
+        raise ValueError(f"unknown strategy {strategy!r}: use fsdp or ddp")
+    w = 1 if strategy == "ddp" else gpus
+    t, n = batch * seq_len, c.layers
     r = residual or (4 if w == 1 else a)
     per_layer = activation_bytes_per_token_layer(c, a, r)
-    gathered = a * c.root_student
-    if w > 1:
-        gathered += 2 * a * c.block_student + 2 * teacher_bytes * c.block_teacher + 6 * c.block_trainable
     terms = {
         "weights": 4 * c.student / w,
         "gradients": 4 * c.trainable / w,
         "adamw": 8 * c.trainable / w,
         "teacher": teacher_bytes * c.teacher / w,
-        "gathered": gathered,
+        "gathered": a * c.root_student + (2 * a * c.block_student if w > 1 else 0),
+        "reduce_scatter": 6 * c.block_trainable if w > 1 else 0,
+        "optimizer_temp": 4 * c.trainable / w,
         "logits": t * c.vocab * 3 * a + 3 * 4 * min(t, KL_CHUNK) * c.vocab,
         "hidden": t * c.hidden * (a * (n + 1) + 8 * n),
         "activations": t * n * per_layer + a * c.binarized,
         "activations_checkpointed": t * n * r * c.hidden + t * per_layer + a * c.binarized // n,
+        "last_block": t * per_layer + a * c.binarized // n,
     }
-    fixed = sum(v for k, v in terms.items() if not k.startswith("activations"))
+    kept = terms["weights"] + terms["adamw"] + terms["teacher"]
+    grads_kept = terms["gradients"] if grad_accum > 1 or strategy == "ddp" else 0
+    backward_starts = kept + grads_kept + terms["gathered"] + terms["logits"] + terms["hidden"]
+    backward_ends = kept + terms["gradients"] + terms["gathered"] + terms["reduce_scatter"] + terms["last_block"]
+    optimizer_step = kept + terms["gradients"] + terms["optimizer_temp"]
+    peak = lambda activations: int(max(backward_starts + activations, backward_ends, optimizer_step))
     return {"terms": {k: int(v) for k, v in terms.items()},
-            "total": int(fixed + terms["activations"]),
-            "total_checkpointed": int(fixed + terms["activations_checkpointed"])}
+            "total": peak(terms["activations"]), "total_checkpointed": peak(terms["activations_checkpointed"])}
 
 
 def parse_bytes(text: str) -> int:
@@ -150,16 +174,16 @@ def parse_bytes(text: str) -> int:
 
 
 def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int = 80 * GB,
-         num_experts: int = 4) -> dict:
+         num_experts: int = 4, grad_accum: int = 1, strategy: str = "fsdp") -> dict:
     from .footprint import load_config
 
-    if min(gpus, seq_len, batch, num_experts) < 1:
-        raise ValueError("plan: --gpus, --seq-len, --batch and --num-experts must be >= 1")
+    if min(gpus, seq_len, batch, num_experts, grad_accum) < 1:
+        raise ValueError("plan: --gpus, --seq-len, --batch, --grad-accum and --num-experts must be >= 1")
     counts = count(load_config(config_name), num_experts)
-    result = estimate(counts, gpus, seq_len, batch)
+    result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy)
     limit = FIT_FRACTION * gpu_memory
-    return {"config": config_name, "gpus": gpus, "seq_len": seq_len, "batch_per_gpu": batch,
-            "num_experts": num_experts, "gpu_memory": gpu_memory, "parameters": {
+    return {"config": config_name, "gpus": gpus, "strategy": strategy, "seq_len": seq_len, "batch_per_gpu": batch,
+            "grad_accum": grad_accum, "num_experts": num_experts, "gpu_memory": gpu_memory, "parameters": {
                 "teacher": counts.teacher, "student": counts.student, "trainable": counts.trainable},
             **result, "fits": result["total"] <= limit, "fits_checkpointed": result["total_checkpointed"] <= limit,
             # rank 0 builds both models in host memory (fp32) before sharding them; the other ranks build
@@ -171,19 +195,24 @@ def format_plan(p: dict) -> str:
     gb = lambda v: f"{v / GB:,.2f}"
     rows = [("student weights (fp32 master)", "weights"), ("gradients (fp32)", "gradients"),
             ("AdamW state (fp32 x2)", "adamw"), ("teacher (bf16, frozen)", "teacher"),
-            ("gathered units (FSDP2, bf16)", "gathered"), ("logits and KL chunk", "logits"),
+            ("gathered units (bf16)", "gathered"), ("a block's gradients in reduce-scatter (FSDP2)", "reduce_scatter"),
+            ("AdamW step temporary (fp32)", "optimizer_temp"), ("logits and KL chunk", "logits"),
             ("hidden states (MSE term)", "hidden"), ("activations, no checkpointing", "activations"),
-            ("activations, checkpointing", "activations_checkpointed")]
+            ("activations, checkpointing", "activations_checkpointed"),
+            ("the first block's activations at the end of backward", "last_block")]
     params = p["parameters"]
-    lines = [f"plan for {p['config']}: {p['gpus']} GPU(s), {p['batch_per_gpu']} x {p['seq_len']} tokens per GPU, "
+    lines = [f"plan for {p['config']}: {p['gpus']} GPU(s) ({p['strategy']}), {p['batch_per_gpu']} x {p['seq_len']} "
+             f"tokens per GPU, grad-accum {p['grad_accum']}, "
              f"E={p['num_experts']}; teacher {params['teacher'] / 1e9:.2f}B parameters, "
              f"student trains {params['trainable'] / 1e9:.2f}B", "| per GPU | GB |", "|---|---:|"]
     lines += [f"| {label} | {gb(p['terms'][key])} |" for label, key in rows]
     limit = FIT_FRACTION * p["gpu_memory"]
-    for label, key, fit in (("total, gradient checkpointing", "total_checkpointed", "fits_checkpointed"),
-                            ("total, no checkpointing", "total", "fits")):
+    for label, key, fit in (("peak, gradient checkpointing", "total_checkpointed", "fits_checkpointed"),
+                            ("peak, no checkpointing", "total", "fits")):
         verdict = "fits" if p[fit] else "does NOT fit"
         lines.append(f"| **{label}** | **{gb(p[key])}** ({verdict} in {gb(limit)} = 90 % of {gb(p['gpu_memory'])}) |")
+    lines.append("peak: the largest of backward's start, backward's end and the optimizer step (not every term "
+                 "above is alive at once; plan.py)")
     lines.append(f"host memory while loading: {gb(p['host_memory_rank0_at_load'])} GB on rank 0 (the other ranks: "
                  "their shards only, on the GPU)")
     return "\n".join(lines)

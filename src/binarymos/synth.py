@@ -3,11 +3,14 @@
 Real text runs out (about 1.3 M tokens offline); the teacher can write as much as the budget asks.
 Each sequence starts with a token drawn uniformly from the vocabulary (special tokens excluded)
 and continues with tokens sampled from softmax(logits / temperature); temperature 0 is greedy.
+For models that need a BOS at the start of their input (Gemma, data.needs_bos) that BOS comes
+first, then the drawn token.
 
 All randomness comes from one table of uniforms, ``torch.rand(count, seq_len)`` of a CPU generator
-seeded with ``seed``: column 0 picks the first token, column t the t-th sampled token by inverse
-CDF. So sequence i depends on (model, seed, temperature, length) only, not on the batch it was
-generated in, and a plain loop can reproduce it (tests/test_synth.py does).
+seeded with ``seed``: column 0 picks the drawn first token, column t the token at position t by
+inverse CDF (with a BOS, column 1 goes unused). So sequence i depends on (model, seed, temperature,
+length) only, not on the batch it was generated in, and a plain loop can reproduce it
+(tests/test_synth.py does).
 
 ``--data teacher`` trains on these sequences alone; ``--data teacher+c4_wiki`` adds real text.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .data import DataError
+from .data import DataError, leading_bos
 from .models import _cache_dir, resolve
 
 TEACHER = "teacher"
@@ -58,6 +61,7 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     device = next(model.parameters()).device
     uniforms = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     starts = first_token_ids(tokenizer, model.config.get_text_config().vocab_size)
+    bos = leading_bos(model.config, tokenizer)
     out = torch.empty(count, seq_len, dtype=torch.long)
     was_training = model.training
     model.eval()
@@ -67,8 +71,10 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
         for lo in range(0, count, batch_size):
             u = uniforms[lo:lo + batch_size].to(device)
             ids = starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1)
+            if bos is not None:
+                ids = torch.cat([torch.full_like(ids, bos), ids], 1)
             seqs, cache = [ids], None
-            for t in range(1, seq_len):
+            for t in range(ids.shape[1], seq_len):
                 result = model(input_ids=ids, past_key_values=cache, use_cache=True)
                 cache, logits = result.past_key_values, result.logits[:, -1].float()
                 if temperature == 0:
@@ -81,11 +87,18 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     return out
 
 
-def cache_path(model_name: str, count: int, seq_len: int, temperature: float, seed: int, dtype: torch.dtype) -> Path:
-    """Where the sequences of one setting live: $BINARYMOS_CACHE/teacher/<model>-<hash of the setting>.pt."""
+def cache_path(model_name: str, count: int, seq_len: int, temperature: float, seed: int, dtype: torch.dtype,
+               bos_token_id: int | None = None) -> Path:
+    """Where the sequences of one setting live: $BINARYMOS_CACHE/teacher/<model>-<hash of the setting>.pt.
+
+    The key holds the leading BOS only where there is one, so that sequences sampled before models got a
+    BOS are not read back for them, while the caches of models without one stay valid.
+    """
     source = resolve(model_name)
     key = {"model": str(Path(source).resolve()) if isinstance(source, Path) else source, "count": count,
            "seq_len": seq_len, "temperature": float(temperature), "seed": seed, "dtype": str(dtype), "version": 1}
+    if bos_token_id is not None:
+        key["bos"] = bos_token_id
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return _cache_dir() / "teacher" / f"{Path(str(model_name)).name}-{digest}.pt"
 
@@ -98,7 +111,7 @@ def teacher_tokens(model, tokenizer, model_name: str, count: int, seq_len: int, 
     leaves a torn file. The key includes the model's dtype (bf16 on a GPU samples other text than fp32).
     """
     dtype = next(model.parameters()).dtype
-    path = cache_path(model_name, count, seq_len, temperature, seed, dtype)
+    path = cache_path(model_name, count, seq_len, temperature, seed, dtype, leading_bos(model.config, tokenizer))
     if path.exists():
         return torch.load(path, weights_only=True)["ids"].long()
     ids = sample(model, tokenizer, count, seq_len, temperature, seed, batch_size)
@@ -111,7 +124,8 @@ def teacher_tokens(model, tokenizer, model_name: str, count: int, seq_len: int, 
 
 def as_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Generated sequences as (N, seq_len) training blocks: as they are when their length is seq_len, else
-    concatenated and cut (the teacher then sees the same joined context the student does)."""
+    concatenated and cut (the teacher then sees the same joined context the student does; blocks then
+    start mid-sequence, without the BOS a Gemma-type model's sequences begin with)."""
     flat = ids.flatten()
     n = len(flat) // seq_len
     if n == 0:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .convert import BinaryMoSConfig, binarize
-from .data import DEFAULT_DATA, documents, token_blocks
+from .data import DEFAULT_DATA, documents, leading_bos, token_blocks
 from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
 from .synth import as_blocks, split_data, teacher_tokens
@@ -281,7 +281,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     docs = documents(real, "train", cfg.data_dir) if real else []  # bad data fails before the model loads
     with distributed.main_first(env):
         teacher, tokenizer = load_model(cfg.model, dtype=torch.float32, device="cpu" if env.is_main else "meta")
-    blocks = [token_blocks(tokenizer, docs, cfg.seq_len)] if real else []
+    blocks = [token_blocks(tokenizer, docs, cfg.seq_len, leading_bos(teacher.config, tokenizer))] if real else []
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
                                                                router_init_std=cfg.router_init_std),
@@ -320,17 +320,18 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     return teacher, student, tokenizer, blocks
 
 
-def planned_memory(cfg: TrainConfig, config, gpus: int) -> dict:
-    """binarymos.plan's estimate for this run with its student sharded over ``gpus``."""
+def planned_memory(cfg: TrainConfig, config, gpus: int = 1, strategy: str = "fsdp") -> dict:
+    """binarymos.plan's estimate for this run on ``gpus`` ranks (one: a plain process) sharing it by ``strategy``."""
     from .plan import count, estimate
 
     return estimate(count(config, cfg.num_experts), gpus, cfg.seq_len, cfg.batch_size,
-                    residual=2 if cfg.bf16_compute else None)
+                    residual=2 if cfg.bf16_compute else None, grad_accum=cfg.grad_accum, strategy=strategy)
 
 
 def _fits_gpu(need: int, env: distributed.Env) -> bool:
     """Whether ``need`` bytes (a planner estimate) stay within 75 % of this rank's GPU: more margin than the
-    planner's 90 %, because its estimate was off by up to 21 % on measured runs (docs/SCALING.md)."""
+    planner's 90 %, for what max_memory_allocated does not see (CUDA context, NCCL buffers, the caching
+    allocator's fragmentation) and for the estimate's error (within 4 % on 18 measured runs, docs/SCALING.md)."""
     return need <= 0.75 * torch.cuda.get_device_properties(env.device).total_memory
 
 
@@ -348,7 +349,7 @@ def choose_strategy(cfg: TrainConfig, config, env: distributed.Env) -> str:
         return cfg.strategy
     if env.device.type != "cuda":
         return "fsdp"
-    need = planned_memory(cfg, config, 1)
+    need = planned_memory(cfg, config, env.world_size, "ddp")
     return "ddp" if _fits_gpu(need["total" if cfg.grad_checkpointing is False else "total_checkpointed"], env) \
         else "fsdp"
 
@@ -364,7 +365,7 @@ def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> 
         return cfg.grad_checkpointing
     if env.device.type != "cuda":
         return False
-    return not _fits_gpu(planned_memory(cfg, config, env.world_size if env.sharded else 1)["total"], env)
+    return not _fits_gpu(planned_memory(cfg, config, env.world_size, env.strategy)["total"], env)
 
 
 def train(cfg: TrainConfig):
