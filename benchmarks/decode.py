@@ -6,8 +6,11 @@ GPU; the packed variant swaps every linear layer of the decoder blocks for a Pac
 the same loop: the prompt through the model once, then one CUDA graph per generated token that
 runs the model on the last token with a static KV cache, takes the argmax and feeds it back, all
 on the device (no host synchronisation between tokens). Reports tokens/s and peak GPU memory.
+With --compile both variants' forward goes through torch.compile first (the BinaryMoS layer is the
+opaque custom op ``binarymos::binary_mos_linear``), which fuses the norms, rotary embedding, SiLU
+and residual adds that otherwise cost a kernel launch each per layer.
 
-    PYTHONPATH=src python benchmarks/decode.py --out docs/decode.md
+    PYTHONPATH=src python benchmarks/decode.py --out docs/decode.md [--compile]
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def pack_randomly(model: nn.Module, experts: int = 4) -> nn.Module:
 
 
 @torch.no_grad()
-def decode(model, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, torch.Tensor]:
+def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = False) -> tuple[float, torch.Tensor]:
     """Seconds for ``new_tokens`` greedy steps (CUDA-graph replays) after a prompt; and the tokens."""
     from transformers import StaticCache
 
@@ -75,12 +78,15 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, 
     last = logits[:, -1:].argmax(-1)
     tokens = torch.zeros(batch, new_tokens + warmup, dtype=torch.long, device="cuda")
     step_index = torch.zeros(1, dtype=torch.long, device="cuda")
+    position = torch.full((1,), prompt_len, dtype=torch.long, device="cuda")  # of the token being fed
+    forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
 
     def step():
-        out = model(input_ids=last, past_key_values=cache, use_cache=True).logits
+        out = forward(input_ids=last, past_key_values=cache, use_cache=True, cache_position=position).logits
         last.copy_(out[:, -1:].argmax(-1))
         tokens.index_copy_(1, step_index, last)
         step_index.add_(1)
+        position.add_(1)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -101,7 +107,7 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, 
     return start.elapsed_time(end) / 1e3, tokens
 
 
-def run(names, batches, prompt_len, new_tokens) -> list[dict]:
+def run(names, batches, prompt_len, new_tokens, compile=False) -> list[dict]:
     rows = []
     for name in names:
         model = build_model(name)
@@ -113,7 +119,7 @@ def run(names, batches, prompt_len, new_tokens) -> list[dict]:
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             for batch in batches:
                 torch.cuda.reset_peak_memory_stats()
-                seconds, tokens = decode(model, batch, prompt_len, new_tokens)
+                seconds, tokens = decode(model, batch, prompt_len, new_tokens, compile)
                 row = {"model": name, "variant": variant, "batch": batch, "tok_s": batch * new_tokens / seconds,
                        "ms_per_step": 1e3 * seconds / new_tokens, "weights_gb": weights / 1e9,
                        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
@@ -130,10 +136,11 @@ def run(names, batches, prompt_len, new_tokens) -> list[dict]:
     return rows
 
 
-def markdown(rows, prompt_len, new_tokens) -> str:
+def markdown(rows, prompt_len, new_tokens, compile=False) -> str:
     lines = [f"Device: {torch.cuda.get_device_name()}; {datetime.date.today().isoformat()}; torch {torch.__version__}. "
-             f"Greedy decoding, prompt {prompt_len} tokens, {new_tokens} new tokens timed, one CUDA graph per token, "
-             "static KV cache, random weights.", "",
+             f"Greedy decoding, prompt {prompt_len} tokens, {new_tokens} new tokens timed, one CUDA graph per token"
+             f"{' of a torch.compile-d forward (both variants)' if compile else ''}, static KV cache, random weights.",
+             "",
              "| model shape | batch | fp16 tok/s | BinaryMoS tok/s | speed-up | fp16 weights / peak GB "
              "| BinaryMoS weights / peak GB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -153,12 +160,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="markdown file (default: $OUT/decode.md, else stdout only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward of both variants")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU", file=sys.stderr)
         return 1
-    rows = run(args.models.split(","), [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens)
-    text = markdown(rows, args.prompt_len, args.new_tokens)
+    rows = run(args.models.split(","), [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens,
+               args.compile)
+    text = markdown(rows, args.prompt_len, args.new_tokens, args.compile)
     out = args.out or (os.path.join(os.environ["OUT"], "decode.md") if os.environ.get("OUT") else None)
     if out:
         Path(out).write_text(text)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from binarymos.kernels import binary_mos_linear_reference
-from binarymos.kernels.triton_kernels import binary_mos_linear_triton
+from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config
 from binarymos.nn import BinaryMoSLinear
 
 PAPER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120)]  # (in, out)
@@ -191,7 +191,9 @@ def sweep(shapes, ms, device) -> list[tuple]:
             layer = random_layer(in_f, out_f, 4, torch.float16, device)
             x = torch.randn(m, in_f, device=device).half()
             ref = reference64(x, layer)
-            for cfg in DECODE_SWEEP if m <= 16 else PREFILL_SWEEP:
+            # one token: the sign-flip GEMV's tiles, each with and without PDL, against the mma kernel's default
+            gemv = [dict(c, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)] + [decode_config(1, out_f, in_f)]
+            for cfg in gemv if m == 1 else DECODE_SWEEP if m <= 16 else PREFILL_SWEEP:
                 try:
                     us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
                     err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()

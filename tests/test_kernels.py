@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,179 @@ def test_cpu_dispatch_is_the_reference():
     args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
     assert torch.equal(binary_mos_linear(x, *args), binary_mos_linear_reference(x, *args))
     assert torch.allclose(packed(x), binary_mos_linear_reference(x, *args))
+
+
+# ---- one token (M == 1): the sign-flip GEMV (_gemv_kernel) ----
+
+def unpack_signs64(packed: torch.Tensor, in_f: int) -> torch.Tensor:
+    """+-1 (out, in) float64 from the packed bytes: input 8g + j at bit j of byte g, bit 1 = +1."""
+    bits = (packed.long()[:, :, None] >> torch.arange(8)) & 1
+    return (2 * bits.reshape(packed.shape[0], -1)[:, :in_f] - 1).double()
+
+
+def reference64(x, packed_weight, router, scale_in, scale_out, bias) -> torch.Tensor:
+    """The layer's formula in float64 on the unpacked signs (gates, scales and products unrounded)."""
+    x = x.double()
+    if scale_in.shape[0] == 1:
+        s_in, s_out = scale_in[0].double(), scale_out[0].double()
+    else:
+        g = torch.softmax(x @ router.double().T, dim=-1)
+        s_in, s_out = g @ scale_in.double(), g @ scale_out.double()
+    y = ((x * s_in) @ unpack_signs64(packed_weight, x.shape[-1]).T) * s_out
+    return y if bias is None else y + bias.double()
+
+
+@pytest.fixture
+def gemv_calls(kernels, monkeypatch):
+    """Records the configs of the calls that took the one-token GEMV path."""
+    calls = []
+    original = kernels.gemv_launches
+
+    def spy(*args, **kwargs):
+        calls.append(dict(args[7]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "gemv_launches", spy)
+    return calls
+
+
+def run_m1(kernels, in_f, out_f, experts, bias, dtype, config=None, seed=0):
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, experts, bias, seed=seed), dtype=dtype)
+    args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
+    x = torch.randn(1, in_f).to(dtype)
+    out = torch.full((1, out_f), float("nan"), dtype=dtype)
+    kernels.binary_mos_linear_triton(x, *args, config=config, out=out)
+    return out, reference64(x, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_f, out_f, experts, bias", [
+    (256, 72, 4, True),   # whole words, router, bias
+    (256, 40, 1, False),  # one expert: no router
+    (224, 48, 4, False),  # 7 words a row: row starts 4-byte aligned only
+    (250, 40, 2, True),   # 32 bytes a row, the last 6 inputs padding
+])
+def test_m1_gemv_matches_float64(kernels, gemv_calls, dtype, in_f, out_f, experts, bias):
+    y, ref = run_m1(kernels, in_f, out_f, experts, bias, dtype)
+    assert len(gemv_calls) == 1, "M == 1 with whole int32 words per row must take the GEMV path"
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_m1_unaligned_rows_fall_back(kernels, gemv_calls, dtype):
+    """ceil(in / 8) % 4 != 0: the rows are not whole int32 words; the tensor-core decode path runs."""
+    y, ref = run_m1(kernels, 200, 56, 4, True, dtype, config={"BLOCK_N": 32, "BLOCK_W": 32, "num_warps": 4})
+    assert gemv_calls == []
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("split, block_w", [(2, 8), (3, 8), (5, 4)])  # 2 steps a share; shares past K; 2 steps
+def test_m1_gemv_split_k_and_steps(kernels, gemv_calls, split, block_w):
+    """K shared by SPLIT programs of several steps each; the arrival counts are back at 0 after each call."""
+    cfg = {"BLOCK_N": 32, "BLOCK_W": block_w, "num_warps": 4, "SPLIT": split}
+    for _ in range(2):
+        y, ref = run_m1(kernels, 1024, 70, 4, True, torch.float16, config=cfg)
+        assert rel_err(y, ref) < TOL[torch.float16]
+        assert int(kernels._locks[torch.device("cpu")].abs().sum()) == 0
+    assert len(gemv_calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_m1_gemv_precision_long_rows(kernels, gemv_calls, dtype):
+    """16-term 16-bit partial sums stay within the float64 tolerance at the paper's longest rows."""
+    y, ref = run_m1(kernels, 13824, 32, 4, False, dtype)
+    assert len(gemv_calls) == 1
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+def test_m1_leading_dims_use_gemv(kernels, gemv_calls):
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(128, 24, 4, bias=False), dtype=torch.float16)
+    args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, None)
+    x = torch.randn(1, 1, 128).half()
+    y = kernels.binary_mos_linear_triton(x, *args)
+    assert y.shape == (1, 1, 24) and len(gemv_calls) == 1
+    assert rel_err(y[0], reference64(x[0], *args)) < TOL[torch.float16]
+
+
+def _emulate_flip_ptx(asm: str, w: np.ndarray, pairs: list, kind: str) -> np.ndarray:
+    """Runs the PTX of _flip_sum_asm on numpy arrays (the instructions it uses, nothing more): every
+    register a uint32 (or uint16) bit pattern, 16-bit pair arithmetic rounded to nearest even through
+    torch, fp32 adds in numpy float32 (IEEE, round to nearest even)."""
+    dt = torch.float16 if kind == "f16" else torch.bfloat16
+    u32 = lambda v: np.asarray(v, dtype=np.uint64).astype(np.uint32)  # noqa: E731
+
+    def halves(v):  # uint32 pairs -> two float32 tensors (low, high half)
+        return torch.from_numpy(np.stack([v & 0xFFFF, v >> 16]).astype(np.uint16).view(np.int16)).view(dt).float()
+
+    def pack(h):  # two float32 tensors -> uint32 pairs, each half rounded to dt
+        b = h.to(dt).view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+        return b[0] | (b[1] << 16)
+
+    def f32(v):
+        return np.asarray(v, dtype=np.uint32).view(np.float32)
+
+    def lop3(a, b, c, lut):
+        out = np.zeros_like(a)
+        for idx in range(8):
+            if lut >> idx & 1:
+                out |= ((a if idx & 4 else ~a) & (b if idx & 2 else ~b) & (c if idx & 1 else ~c))
+        return out
+
+    reg = {f"${i + 2}": u32(p) for i, p in enumerate(pairs)}
+    reg["$1"] = u32(w)
+    val = lambda s: reg[s] if s in reg else np.full(w.shape, int(s, 0), dtype=np.uint32)  # noqa: E731
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        ops = [o.strip() for o in rest.replace("{", "").replace("}", "").split(",")]
+        if op == "shl.b32":
+            reg[ops[0]] = u32(val(ops[1]).astype(np.uint64) << int(ops[2]))
+        elif op == "and.b32":
+            reg[ops[0]] = val(ops[1]) & val(ops[2])
+        elif op == "lop3.b32":
+            reg[ops[0]] = lop3(val(ops[1]), val(ops[2]), val(ops[3]), int(ops[4], 0))
+        elif op in ("add.rn.f16x2", "add.rn.bf16x2"):
+            reg[ops[0]] = pack(halves(val(ops[1])) + halves(val(ops[2])))
+        elif op == "fma.rn.bf16x2":  # exact product, one rounding (float32 holds a bf16 product exactly)
+            reg[ops[0]] = pack(halves(val(ops[1])) * halves(val(ops[2])) + halves(val(ops[3])))
+        elif op == "mov.b32" and len(ops) == 3:  # {lo, hi} <- t
+            reg[ops[0]], reg[ops[1]] = val(ops[2]) & 0xFFFF, val(ops[2]) >> 16
+        elif op == "mov.b32":
+            reg[ops[0]] = val(ops[1])
+        elif op == "cvt.f32.f16":
+            h = torch.from_numpy(reg[ops[1]].astype(np.uint16).view(np.int16)).view(torch.float16).float()
+            reg[ops[0]] = h.numpy().view(np.uint32)
+        elif op == "add.f32":
+            reg[ops[0]] = (f32(val(ops[1])) + f32(val(ops[2]))).view(np.uint32)
+        else:
+            raise AssertionError(f"unknown instruction {line}")
+    return f32(reg["$0"]).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind, terms", [("f16", 16), ("bf16", 16), ("f16", 8), ("bf16", 4)])
+def test_flip_sum_ptx_semantics(kernels, kind, terms):
+    """The GPU's inline PTX, emulated: pair i = (x[32c + i], x[32c + 16 + i]); each input with its sign
+    flipped where its weight bit is 0; the sum matches the exact one within the 16-bit tree's rounding."""
+    dt = torch.float16 if kind == "f16" else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    n = 512
+    x = torch.randn(n, 32, generator=g).to(dt)
+    w = torch.randint(0, 2**32, (n,), generator=g, dtype=torch.int64).numpy().astype(np.uint32)
+    bits = (torch.from_numpy(w.astype(np.int64))[:, None] >> torch.arange(32)) & 1
+    exact = ((2 * bits - 1).double() * x.double()).sum(1).numpy()
+    u = x.view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+    pairs = [u[:, i] | (u[:, i + 16] << 16) for i in range(16)]
+    got = _emulate_flip_ptx(kernels.FLIP_SUM_ASM[(kind == "bf16", terms)], w, pairs, kind)
+    # the same tree written out: within each half, adjacent leaves first, every level rounded to 16 bits
+    t = ((2 * bits - 1).to(dt) * x).reshape(n, 2, 16)
+    while t.shape[-1] > 16 // terms:
+        t = (t[..., 0::2].float() + t[..., 1::2].float()).to(dt)
+    tree = torch.zeros(n)
+    for part in t.reshape(n, -1).float().unbind(1):  # the PTX adds the partials in this order, in fp32
+        tree = tree + part
+    np.testing.assert_array_equal(got, tree.double().numpy())
+    eps = 2.0 ** (-11 if kind == "f16" else -8)
+    assert np.all(np.abs(got - exact) <= 4 * eps * x.double().abs().sum(1).numpy())  # <= 4 roundings per leaf

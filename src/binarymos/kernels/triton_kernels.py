@@ -15,6 +15,18 @@ decode (M <= 16 tokens)
        keeps its shape) against the activations at inputs 8g + j. The last program of a column
        block to finish sums the K shares and applies s_out = G @ scale_out and the bias.
 
+one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise decode above)
+    1. ``_router_kernel`` as above with 2048-input chunks (E > 1 only).
+    2. ``_gemv_kernel``: a sign-flip GEMV on the CUDA cores, no tensor cores. A packed row is read
+       as int32 words, word c holding inputs 32c..32c+31; the scaled activations of a word are
+       paired as 16 half2 registers (inputs 32c + i and 32c + i + 16), and per pair one shift puts
+       weight bits i and i + 16 at the halves' sign bits and one lop3 flips the signs where the
+       bit is 0 (_flip_sum_asm); the 16 pairs add as half2 in a tree, then in fp32. About 50
+       instructions per 32 signs. Each program computes the activations of its K range once,
+       reads the gates as scalars (no cross-thread reductions), and splits K as decode does.
+       Optionally (config PDL=1, sm_90) launched as a programmatic dependent of the router, so that
+       its weight loads start before the router has finished.
+
 prefill (M > 16)
     1. ``_prep_kernel``: per row, the router logits over the whole input, the gates, and
        xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
@@ -22,7 +34,8 @@ prefill (M > 16)
        from the packed bytes in registers, are the register operand of Hopper's wgmma; same epilogue.
 
 Numbers follow the reference: s_in and s_out are rounded to x's dtype, x * s_in is rounded to
-x's dtype, products accumulate in fp32. Router logits stay fp32 (the reference rounds them to
+x's dtype, products accumulate in fp32 (for one token: 16-term partial sums in x's dtype first,
+then fp32; measured against float64 in tests/test_kernels.py). Router logits stay fp32 (the reference rounds them to
 x's dtype first), a difference far below the dtype's resolution after the softmax; for 2..16
 tokens s_in is mixed in TF32 (see _mix_dot).
 
@@ -41,6 +54,7 @@ import triton.language as tl
 
 DECODE_MAX_M = 16
 ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
+GEMV_ROUTER_BLOCK_K = 2048  # the same for one token: few partials, which every program of the GEMV sums
 DECODE_PROGRAMS, MAX_SPLIT = 1024, 16  # decode programs to aim for (132 SMs on an H100); K splits at most
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
@@ -154,9 +168,14 @@ def _store_output(acc, gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_y
 
 @triton.jit
 def _router_kernel(x_ptr, router_ptr, logits_ptr, M, K, stride_xm, E: tl.constexpr, E_P: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """logits[c, m, :] = x[m, chunk c] @ router[:, chunk c].T for the few decode tokens."""
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False):
+    """logits[c, m, :] = x[m, chunk c] @ router[:, chunk c].T for the few decode tokens.
+
+    LAUNCH_DEPENDENTS: let a kernel launched after this one with programmatic dependent launch
+    start at once (it waits for these logits with griddepcontrol.wait)."""
     c = tl.program_id(0)
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     rm = tl.arange(0, BLOCK_M)
     rk = c * BLOCK_K + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
@@ -280,6 +299,244 @@ def _decode_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_pt
             tl.atomic_xchg(lock_ptr + pid_n, 0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# One token (M == 1): sign-flip GEMV on the CUDA cores.
+
+
+def _flip_sum_asm(bf16: bool, terms: int) -> str:
+    """PTX of _flip_sum: $0 (fp32) = sum over the 32 inputs of one packed word $1 of +-x, x from pairs $2..$17.
+
+    Pair i holds the activations of inputs 32c + i (low half) and 32c + i + 16 (high half); shifting
+    the word left by 15 - i puts its bits i and i + 16 at bits 15 and 31, the halves' sign bits, and
+    one lop3 computes pair ^ (~(w << (15 - i)) & 0x80008000) (truth table (~a & b) ^ c = 0xA6): the
+    activation with its sign flipped where the weight bit is 0. The 16 flipped pairs are summed as
+    16-bit pairs in a tree of ``terms`` (16, 8, 4 or 2) leaves per partial sum (adjacent leaves
+    first), each partial's halves converted to fp32 and added. bf16 pairs add as fma(a, 1.0, b),
+    exactly a + b rounded once (add.bf16x2 needs sm_90, fma.bf16x2 sm_80), and convert to fp32 by
+    moving the bits (a bf16 is the top half of the fp32 of the same value).
+    """
+    lines = ["{", ".reg .b32 t<16>, a, b, acc, one;", ".reg .b16 lo, hi;"]
+    if bf16:
+        lines.append("mov.b32 one, 0x3F803F80;")  # (1.0, 1.0)
+    for i in range(16):
+        if i == 15:
+            lines.append("lop3.b32 t15, $1, 0x80008000, $17, 0xA6;")
+        else:
+            lines.append(f"shl.b32 t{i}, $1, {15 - i};")
+            lines.append(f"lop3.b32 t{i}, t{i}, 0x80008000, ${i + 2}, 0xA6;")
+    step = 1
+    while step < terms:  # adjacent pairs first: t0 += t1, t2 += t3, ... then t0 += t2, ...
+        for i in range(0, 16, 2 * step):
+            if bf16:
+                lines.append(f"fma.rn.bf16x2 t{i}, t{i}, one, t{i + step};")
+            else:
+                lines.append(f"add.rn.f16x2 t{i}, t{i}, t{i + step};")
+        step *= 2
+    for n, i in enumerate(range(0, 16, terms)):
+        if bf16:
+            lines.append(f"shl.b32 a, t{i}, 16;")
+            lines.append(f"and.b32 b, t{i}, 0xFFFF0000;")
+        else:
+            lines.append(f"mov.b32 {{lo, hi}}, t{i};")
+            lines.append("cvt.f32.f16 a, lo;")
+            lines.append("cvt.f32.f16 b, hi;")
+        lines.append("add.f32 acc, a, b;" if n == 0 else "add.f32 acc, acc, a;\nadd.f32 acc, acc, b;")
+    lines += ["mov.b32 $0, acc;", "}"]
+    return "\n".join(lines)
+
+
+FLIP_SUM_ASM = {(bf16, terms): _flip_sum_asm(bf16, terms) for bf16 in (False, True) for terms in (2, 4, 8, 16)}
+
+
+@triton.jit
+def _pairs16(p):
+    """(BLOCK_W, 16) -> its 16 columns as separate (BLOCK_W,) tensors, column order (register-level splits)."""
+    BW: tl.constexpr = p.shape[0]
+    e, o = tl.split(tl.reshape(p, (BW, 8, 2)))  # columns 2j, 2j + 1
+    e0, e1 = tl.split(tl.reshape(e, (BW, 4, 2)))  # 4k, 4k + 2
+    o0, o1 = tl.split(tl.reshape(o, (BW, 4, 2)))  # 4k + 1, 4k + 3
+    a, b = tl.split(tl.reshape(e0, (BW, 2, 2)))  # 8l, 8l + 4
+    c, d = tl.split(tl.reshape(e1, (BW, 2, 2)))  # 8l + 2, 8l + 6
+    f, g = tl.split(tl.reshape(o0, (BW, 2, 2)))  # 8l + 1, 8l + 5
+    h, i = tl.split(tl.reshape(o1, (BW, 2, 2)))  # 8l + 3, 8l + 7
+    p0, p8 = tl.split(a)
+    p4, p12 = tl.split(b)
+    p2, p10 = tl.split(c)
+    p6, p14 = tl.split(d)
+    p1, p9 = tl.split(f)
+    p5, p13 = tl.split(g)
+    p3, p11 = tl.split(h)
+    p7, p15 = tl.split(i)
+    return p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15
+
+
+@triton.jit
+def _flip_tree(w, xs, shift: tl.constexpr, LOG_TERMS: tl.constexpr):
+    """Interpreter version of half the PTX: +-xs[c, i] by bit shift + i of w, summed in 2**LOG_TERMS-leaf trees
+    (adjacent leaves first, each level rounded to xs's dtype), the partial sums added in fp32."""
+    BN: tl.constexpr = w.shape[0]
+    BW: tl.constexpr = w.shape[1]
+    bits = (w[:, :, None] >> (shift + tl.arange(0, 16))[None, None, :]) & 1
+    v = xs.to(tl.float32)[None, :, :]
+    t = tl.where(bits != 0, v, -v)
+    for level in tl.static_range(LOG_TERMS):
+        t = _round(tl.sum(tl.reshape(t, (BN, BW, 8 >> level, 2)), axis=3), xs.dtype, True).to(tl.float32)
+    return tl.sum(t, axis=2)
+
+
+@triton.jit
+def _flip_sum(w, xs_lo, xs_hi, FLIP_ASM: tl.constexpr, LOG_TERMS: tl.constexpr, INTERPRET: tl.constexpr):
+    """sum over the 32 inputs of each packed word of w (BLOCK_N, BLOCK_W) int32 of +-xs, (BLOCK_N, BLOCK_W) fp32.
+
+    xs_lo, xs_hi (BLOCK_W, 16): the word's scaled activations in x's dtype, inputs 32c + i and
+    32c + 16 + i. On the GPU one inline-PTX call per word (``FLIP_ASM``, see _flip_sum_asm), the
+    activations packed as 16 pairs (packed where they were computed, then split into 16 tensors
+    broadcast along the rows). The interpreter (no PTX) computes the same sums in the same order.
+    """
+    if INTERPRET:
+        return (_flip_tree(w, xs_lo, 0, LOG_TERMS) + _flip_tree(w, xs_hi, 16, LOG_TERMS))
+    lo = xs_lo.to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi = xs_hi.to(tl.uint16, bitcast=True).to(tl.uint32)
+    p = (lo | (hi << 16)).to(tl.int32, bitcast=True)
+    p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15 = _pairs16(p)
+    return tl.inline_asm_elementwise(
+        FLIP_ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [w, p0[None, :], p1[None, :], p2[None, :], p3[None, :], p4[None, :], p5[None, :], p6[None, :], p7[None, :],
+         p8[None, :], p9[None, :], p10[None, :], p11[None, :], p12[None, :], p13[None, :], p14[None, :], p15[None, :]],
+        dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_gates(logits_ptr, C, E: tl.constexpr, C_P: tl.constexpr):
+    """The softmax gates of one token as a tuple of E fp32 scalars, from the router's C <= C_P partials.
+
+    Scalar loads and arithmetic, repeated by every thread: no cross-thread reductions (shuffles,
+    barriers) on the way from the logits to the first use of the gates."""
+    gates = ()
+    if E == 1:
+        gates = (1.0,)
+    else:
+        logits = ()
+        for e in tl.static_range(E):
+            v = tl.load(logits_ptr + e)
+            for c in tl.static_range(1, C_P):
+                v += tl.load(logits_ptr + c * E + e, mask=c < C, other=0.0)
+            logits = logits + (v,)
+        m = logits[0]
+        for e in tl.static_range(1, E):
+            m = tl.maximum(m, logits[e])
+        p = ()
+        total = 0.0
+        for e in tl.static_range(E):
+            pe = tl.exp(logits[e] - m)
+            p = p + (pe,)
+            total += pe
+        for e in tl.static_range(E):
+            gates = gates + (p[e] / total,)
+    return gates
+
+
+@triton.jit
+def _load_scales(scale_ptr, idx, L, E: tl.constexpr):
+    """scale[e, idx] for each expert, a tuple of E tensors (zero where idx >= L)."""
+    s = ()
+    for e in tl.static_range(E):
+        s = s + (tl.load(scale_ptr + e * L + idx, mask=idx < L, other=0.0),)
+    return s
+
+
+@triton.jit
+def _mix_scalar(gates, s, E: tl.constexpr):
+    """sum_e gates[e] * s[e] in fp32 (gates: a tuple of E scalars, s: of E tensors)."""
+    out = gates[0] * s[0].to(tl.float32)
+    for e in tl.static_range(1, E):
+        out += gates[e] * s[e].to(tl.float32)
+    return out
+
+
+@triton.jit
+def _gemv_step(acc, w, x_lo, x_hi, s_lo, s_hi, gates, E: tl.constexpr, FLIP_ASM: tl.constexpr,
+               LOG_TERMS: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += the sign-flip sums of one step (see _flip_sum), the step's activations scaled once."""
+    xs_lo = _scale(x_lo, _mix_scalar(gates, s_lo, E), INTERPRET)
+    xs_hi = _scale(x_hi, _mix_scalar(gates, s_hi, E), INTERPRET)
+    return acc + _flip_sum(w, xs_lo, xs_hi, FLIP_ASM, LOG_TERMS, INTERPRET)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr, N, K, KWA, C,
+                 STEPS, E: tl.constexpr, C_P: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+                 SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 W_ALIGN: tl.constexpr, FLIP_ASM: tl.constexpr, LOG_TERMS: tl.constexpr, PDL: tl.constexpr):
+    """y[0, n-block] for one token: signs read as int32 words (KW per row), summed by sign flips (_flip_sum).
+
+    Program (n, s) takes BLOCK_N rows and STEPS steps of BLOCK_W words from word s * STEPS * BLOCK_W.
+    Everything the first step reads but the gates (its weights, activations, s_in and the
+    program's s_out and bias) is requested first; then (with PDL, programmatic dependent launch
+    after the router, only then waiting for the router's grid) the gates, as scalars from the
+    router's C logit partials. Each step computes its 32 * BLOCK_W scaled activations once and
+    flips them against the words of each row; later steps loop. With SPLIT > 1 the K shares meet
+    as in _decode_kernel: fp32 partials, a fence, an arrival count; the last to arrive sums them
+    (one tile load), applies s_out and the bias, and resets the count.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    KW = KWA * W_ALIGN  # words per row; W_ALIGN (a power of two dividing it) lets the loads vectorize
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_start = pid_s * STEPS * BLOCK_W
+    w_end = tl.minimum(KW, w_start + STEPS * BLOCK_W)
+    rw = w_start + tl.arange(0, BLOCK_W)
+    w = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < w_end), other=0)
+    rk = w_start * 32 + tl.arange(0, BLOCK_W)[:, None] * 32 + tl.arange(0, 16)[None, :]  # inputs 32c + i
+    x_lo = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+    x_hi = tl.load(x_ptr + rk + 16, mask=rk + 16 < K, other=0.0)
+    s_lo = _load_scales(s_in_ptr, rk, K, E)
+    s_hi = _load_scales(s_in_ptr, rk + 16, K, E)
+    s_out = _load_scales(s_out_ptr, rn, N, E)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    if PDL and not INTERPRET:
+        tl.extra.cuda.gdc_wait()  # the router's logits are complete and visible from here on
+    gates = _gemv_gates(logits_ptr, C, E, C_P)
+    acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
+    for w0 in range(w_start, w_end, BLOCK_W):  # the next step's loads are issued before this step's sums
+        w_now, xl_now, xh_now, sl_now, sh_now = w, x_lo, x_hi, s_lo, s_hi
+        if w0 + BLOCK_W < w_end:
+            rw += BLOCK_W
+            rk += 32 * BLOCK_W
+            w = tl.load(w_ptr + rn[:, None] * KW + rw[None, :], mask=(rn[:, None] < N) & (rw[None, :] < w_end),
+                        other=0)
+            x_lo = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            x_hi = tl.load(x_ptr + rk + 16, mask=rk + 16 < K, other=0.0)
+            s_lo = _load_scales(s_in_ptr, rk, K, E)
+            s_hi = _load_scales(s_in_ptr, rk + 16, K, E)
+        acc = _gemv_step(acc, w_now, xl_now, xh_now, sl_now, sh_now, gates, E, FLIP_ASM, LOG_TERMS, INTERPRET)
+    out = tl.sum(acc, axis=1)
+    s_out = _mix_scalar(gates, s_out, E)
+    if SPLIT > 1:
+        tl.store(partial_ptr + pid_s * N + rn, out, mask=rn < N)
+        _release_fence(rn, INTERPRET)
+        tl.debug_barrier()
+        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            rs = tl.arange(0, SPLIT_P)
+            part = tl.load(partial_ptr + rs[:, None] * N + rn[None, :],
+                           mask=(rs[:, None] < SPLIT) & (rn[None, :] < N), other=0.0, cache_modifier=".cg")
+            _gemv_store(tl.sum(part, axis=0), s_out, bias, y_ptr, rn, N, INTERPRET)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+    else:
+        _gemv_store(out, s_out, bias, y_ptr, rn, N, INTERPRET)
+
+
+@triton.jit
+def _gemv_store(out, s_out, bias, y_ptr, rn, N, INTERPRET: tl.constexpr):
+    """y = out * s_out + bias, s_out rounded to y's dtype as in the reference (as _store_output)."""
+    dt = y_ptr.dtype.element_ty
+    y = out * _round(s_out, dt, INTERPRET).to(tl.float32) + bias
+    tl.store(y_ptr + rn, _round(y, dt, INTERPRET), mask=rn < N)
+
+
 @triton.jit
 def _prep_kernel(x_ptr, router_ptr, s_in_ptr, logits_ptr, xs_ptr, M, K, stride_xm, E: tl.constexpr,
                  E_P: tl.constexpr, HAS_ROUTER: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -359,6 +616,90 @@ def decode_split(N: int, K: int, block_n: int, block_g: int) -> int:
     return triton.cdiv(k_steps, triton.cdiv(k_steps, split))  # no program left without a step
 
 
+GEMV_PROGRAMS = 1024  # one-token programs to aim for
+
+
+def gemv_config(N: int, K: int, dtype: torch.dtype) -> dict:
+    """Tile of the one-token sign-flip kernel (_gemv_kernel): 128 rows x 32 words on 4 warps (1.8
+    lane-instructions per sign in the step, 2.2 for the whole program, 128 registers: 4 programs an SM;
+    benchmarks/sass_report.py), 64 rows where that leaves fewer than two programs an SM. On an H100,
+    without PDL, it was within 2 us of the best of 11 tiles x PDL on/off at every paper shape
+    (benchmarks/linear_latency.py --sweep, docs/KERNELS.md). PDL: launched as a programmatic dependent
+    of the router (sm_90; in that sweep up to 2.5 us faster, at worst 0.3 us slower). TERMS: leaves per
+    16-bit partial sum. BINARYMOS_GEMV_CONFIG="BLOCK_N=..,BLOCK_W=..,num_warps=..,PDL=1"
+    overrides it (GPU sweeps and end-to-end runs)."""
+    env = os.environ.get("BINARYMOS_GEMV_CONFIG")
+    if env:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in env.split(",") if item.strip())}
+    kw = triton.cdiv(triton.cdiv(K, 8), 4)
+    block_n = 128 if triton.cdiv(N, 128) * gemv_split(N, kw, 128, 32) >= 2 * 132 else 64
+    return {"BLOCK_N": block_n, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1, "TERMS": 16, "PDL": 1}
+
+
+GEMV_SWEEP = [dict(BLOCK_N=n, BLOCK_W=w, num_warps=nw, num_stages=1) for n, w, nw in
+              [(32, 32, 4), (64, 32, 4), (128, 32, 4), (128, 32, 8), (256, 32, 8), (64, 64, 4), (128, 64, 8),
+               (128, 16, 4), (256, 16, 8), (64, 128, 4), (128, 128, 8)]]  # tiles compiled offline (sass_report)
+
+
+def gemv_split(N: int, KW: int, block_n: int, block_w: int) -> int:
+    """How many programs share a row block's K words (as decode_split, counted in words)."""
+    n_blocks, k_steps = triton.cdiv(N, block_n), triton.cdiv(KW, block_w)
+    if n_blocks > MAX_LOCKS:
+        return 1
+    split = max(1, min(k_steps, GEMV_PROGRAMS // n_blocks, MAX_SPLIT))
+    return triton.cdiv(k_steps, triton.cdiv(k_steps, split))
+
+
+def gemv_applies(packed_weight: torch.Tensor) -> bool:
+    """The packed rows can be read as int32 words: whole words per row, 4-byte aligned, contiguous."""
+    N, KB = packed_weight.shape
+    return (KB % 4 == 0 and packed_weight.stride(1) == 1 and packed_weight.stride(0) == KB
+            and packed_weight.data_ptr() % 4 == 0)
+
+
+def _locks_for(device) -> torch.Tensor:
+    if device not in _locks:  # zeroed once; each call leaves its counts at zero again
+        _locks[device] = torch.zeros(MAX_LOCKS, device=device, dtype=torch.int32)
+    return _locks[device]
+
+
+def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, interpret) -> list[tuple]:
+    """The one-token path as (kernel, grid, args, kwargs) launches: the router's logit partials
+    (E > 1), then the sign-flip GEMV. ``bias`` None or the bias; ``y`` (1, N) receives the result.
+    benchmarks/sass_report.py compiles the same launches offline."""
+    N, KB = packed_weight.shape
+    K, KW, E = x2.shape[1], KB // 4, scale_in.shape[0]
+    E_P = triton.next_power_of_2(E)
+    cfg = dict(cfg)
+    terms = cfg.pop("TERMS", 16)
+    pdl = (bool(cfg.pop("PDL", False)) and not interpret and x2.is_cuda
+           and torch.cuda.get_device_capability(x2.device)[0] >= 9)  # griddepcontrol: sm_90
+    split = cfg.pop("SPLIT", None) or gemv_split(N, KW, cfg["BLOCK_N"], cfg["BLOCK_W"])
+    steps = triton.cdiv(triton.cdiv(KW, cfg["BLOCK_W"]), split)
+    launches = []
+    logits, C = y, 0
+    if E > 1:
+        C = triton.cdiv(K, GEMV_ROUTER_BLOCK_K)
+        logits = torch.empty((C, 1, E), device=x2.device, dtype=torch.float32)
+        launches.append((_router_kernel, (C,), (x2, router, logits, 1, K, x2.stride(0)),
+                         dict(E=E, E_P=E_P, BLOCK_M=1, BLOCK_K=GEMV_ROUTER_BLOCK_K, LAUNCH_DEPENDENTS=pdl)))
+    partial, locks = y, y
+    if split > 1:
+        partial = torch.empty((split, N), device=x2.device, dtype=torch.float32)
+        locks = _locks_for(x2.device)
+    w_align = 4 if KW % 4 == 0 else 2 if KW % 2 == 0 else 1
+    if pdl:
+        cfg["launch_pdl"] = True
+    launches.append((_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]), split),
+                     (x2, packed_weight.view(torch.int32), logits, scale_in, scale_out, y if bias is None else bias, y,
+                      partial, locks, N, K, KW // w_align, C, steps),
+                     dict(E=E, C_P=max(1, triton.next_power_of_2(C)), HAS_BIAS=bias is not None,
+                          INTERPRET=interpret, SPLIT=split, W_ALIGN=w_align,
+                          FLIP_ASM=FLIP_SUM_ASM[(x2.dtype == torch.bfloat16, terms)], LOG_TERMS=terms.bit_length() - 1,
+                          SPLIT_P=triton.next_power_of_2(split), PDL=pdl, **cfg)))
+    return launches
+
+
 def prefill_config(M: int, N: int, K: int) -> dict:
     return {"BLOCK_M": 256 if M >= 1024 else 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
             "num_stages": 4 if M >= 1024 else 3}
@@ -381,9 +722,14 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
         return y.reshape(*x.shape[:-1], N)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter
     common = dict(E=E, E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None)
+    if M == 1 and gemv_applies(packed_weight) and (config is None or "BLOCK_W" in config):
+        for kernel, grid, args, kwargs in gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y,
+                                                        config or gemv_config(N, in_features, x.dtype), interpret):
+            kernel[grid](*args, **kwargs)
+        return y.reshape(*x.shape[:-1], N)
     bias = y if bias is None else bias  # an unread placeholder pointer when there is no bias
     if M <= DECODE_MAX_M:
-        cfg = dict(config or decode_config(M, N, in_features))
+        cfg = dict(config if config and "BLOCK_G" in config else decode_config(M, N, in_features))
         logits, C = y, 0
         if E > 1:
             C = triton.cdiv(in_features, ROUTER_BLOCK_K)
@@ -397,9 +743,7 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
         partial, locks = y, y
         if split > 1:
             partial = torch.empty((split, block_m, N), device=x.device, dtype=torch.float32)
-            if x.device not in _locks:  # zeroed once; each call leaves its counts at zero again
-                _locks[x.device] = torch.zeros(MAX_LOCKS, device=x.device, dtype=torch.int32)
-            locks = _locks[x.device]
+            locks = _locks_for(x.device)
         _decode_kernel[(n_blocks, split)](
             x2, packed_weight, logits, scale_in, scale_out, bias, y, partial, locks, M, N, in_features, KB, C,
             x2.stride(0), y.stride(0), steps, NEG_ONE=NEG_ONE_BITS[x.dtype], INTERPRET=interpret, SPLIT=split,
