@@ -56,4 +56,4 @@ def test_plan_takes_the_alias_and_the_gguf_path_as_train_does(capsys):
         config = load_config(name)
         assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
     assert cli.main(["plan", "--config", "smollm2-135m", "--batch", "8"]) == 0
-    assert "total, no checkpointing" in capsys.readouterr().out
+    assert "peak, no checkpointing" in capsys.readouterr().out

@@ -201,7 +201,8 @@ def format_plan(p: dict) -> str:
             ("activations, checkpointing", "activations_checkpointed"),
             ("the first block's activations at the end of backward", "last_block")]
     params = p["parameters"]
-    lines = [f"plan for {p['config']}: {p['gpus']} GPU(s) ({p['strategy']}), {p['batch_per_gpu']} x {p['seq_len']} "
+    sharing = f" ({p['strategy']})" if p["gpus"] > 1 else ""
+    lines = [f"plan for {p['config']}: {p['gpus']} GPU(s){sharing}, {p['batch_per_gpu']} x {p['seq_len']} "
              f"tokens per GPU, grad-accum {p['grad_accum']}, "
              f"E={p['num_experts']}; teacher {params['teacher'] / 1e9:.2f}B parameters, "
              f"student trains {params['trainable'] / 1e9:.2f}B", "| per GPU | GB |", "|---|---:|"]
