@@ -23,7 +23,8 @@
 # teacher sampling. Work files in $W; results packed into $OUT/quality-<step>.tar.gz.
 #
 # session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
-# (10) each at batch 8, and its full-precision teacher evaluated. session bf16 (one GPU): E=4 at batch 8
+# (10) each at batch 8 (SHARE_GPU=1: both at once), and its full-precision teacher evaluated. EVAL_WINDOWS
+# limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options. session bf16 (one GPU): E=4 at batch 8
 # for BF16_MINUTES (6), once as by default and once with --bf16-compute.
 set -uo pipefail
 STEP=${1:?session, poll, budget, probe, compare or levers}
@@ -53,7 +54,7 @@ timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES
     fi
     if [ -d "$run/model" ] && [ ! -f "$run/eval.json" ]; then
         CUDA_VISIBLE_DEVICES=$gpu $BM eval --model "$run/model" --ppl wikitext2,c4 --json "$run/eval.json" \
-            > "$run-eval.log" 2>&1
+            ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$run-eval.log" 2>&1
     fi
 }
 best_batch() {  # the options of the sweep run with the lowest WikiText-2 perplexity (batch 8 if none finished)
@@ -121,14 +122,18 @@ EOF
     wait
     touch "$W/done"
     ;;
-lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side on GPUs 0 and 1 where there are two
+lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side, on GPUs 0 and 1 where there are
+    # two; on one GPU one after the other, or both at once with SHARE_GPU=1
     SHORT=${SHORT_MINUTES:-10}
     python -c "from binarymos.models import loadable; loadable('$G')"
-    timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 &
-    [ "$(nvidia-smi -L | wc -l)" -ge 2 ] || wait  # one GPU: one run after the other
-    timed_run 1 gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 &
+    SECOND=0
+    [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && SECOND=1
+    timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 ${GEMMA_TRAIN_ARGS:-} &
+    [ "$SECOND" = 1 ] || [ -n "${SHARE_GPU:-}" ] || wait
+    timed_run $SECOND gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 ${GEMMA_TRAIN_ARGS:-} &
     wait
-    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" > "$W/gemma-fp.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" \
+        ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$W/gemma-fp.log" 2>&1
     touch "$W/done"
     ;;
 lanes-x2)  # what `session x2` runs detached: issue 6's planner check on new configurations and the noise floor
