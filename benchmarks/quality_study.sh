@@ -24,7 +24,8 @@
 #
 # session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
 # (10) each at batch 8 (SHARE_GPU=1: both at once), and its full-precision teacher evaluated. EVAL_WINDOWS
-# limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options. session bf16 (one GPU): E=4 at batch 8
+# limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options.
+# session bf16 (one GPU): E=4 at batch 8
 # for BF16_MINUTES (6), once as by default and once with --bf16-compute.
 set -uo pipefail
 STEP=${1:?session, poll, budget, probe, compare or levers}
