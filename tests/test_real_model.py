@@ -57,3 +57,19 @@ def test_plan_takes_the_alias_and_the_gguf_path_as_train_does(capsys):
         assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
     assert cli.main(["plan", "--config", "smollm2-135m", "--batch", "8"]) == 0
     assert "peak, no checkpointing" in capsys.readouterr().out
+
+
+def test_gguf_copies_are_kept_per_transformers_version_and_old_gemma_conversions_warn(tmp_path, monkeypatch):
+    import transformers
+
+    from binarymos import models
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    current = models._gguf_cache_dir(gguf)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    older = models._gguf_cache_dir(gguf)
+    assert older != current and older.parent == current.parent  # a new transformers dequantizes afresh
+    assert "5.23" in models.gguf_conversion_warning("gemma3_text", "5.17.0")
+    assert models.gguf_conversion_warning("gemma3", "5.23.0") is None
+    assert models.gguf_conversion_warning("llama", "5.17.0") is None

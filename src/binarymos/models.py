@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -50,25 +52,54 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("BINARYMOS_CACHE", Path.home() / ".cache" / "binarymos"))
 
 
+# Gemma-3-270M's Q4_K_M GGUF, dequantized by transformers 5.17, scored WikiText-2 perplexity 351 (2 windows);
+# by 5.23, 15.9: the same file and code (docs/RESULTS.md, session 5). Versions in between were not tried.
+GEMMA_GGUF_MIN_TRANSFORMERS = "5.23"
+
+
+def gguf_conversion_warning(model_type: str, transformers_version: str) -> str | None:
+    """Why a model dequantized from a GGUF by this transformers version should not be trusted, if it should not."""
+    from packaging.version import Version
+
+    from .data import BOS_MODEL_TYPES
+
+    if model_type in BOS_MODEL_TYPES and Version(transformers_version) < Version(GEMMA_GGUF_MIN_TRANSFORMERS):
+        return (f"transformers {transformers_version} dequantized a Gemma GGUF into a broken model in our tests "
+                f"(perplexity 351 instead of 15.9); use transformers >= {GEMMA_GGUF_MIN_TRANSFORMERS}")
+    return None
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    """Where a .gguf's dequantized copy lives: one per file version and per transformers version (which does the
+    dequantizing, and has got it wrong before: gguf_conversion_warning)."""
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    return _cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
 def _gguf_as_hf_dir(gguf: Path) -> Path:
     """Dequantize a .gguf once into a cached Hugging Face directory (loading GGUF is slow)."""
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # the weights are plain floats now: drop the GGUF quantization marks so it saves as a normal model
-    model.hf_quantizer = None
-    model.is_quantized = False
-    del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    target = _gguf_cache_dir(gguf)
+    if not (target / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # the weights are plain floats now: drop the GGUF quantization marks so it saves as a normal model
+        model.hf_quantizer = None
+        model.is_quantized = False
+        del model.config.quantization_config
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    model_type = json.loads((target / "config.json").read_text()).get("model_type", "")
+    warning = gguf_conversion_warning(model_type, transformers.__version__)
+    if warning:
+        warnings.warn(f"{gguf}: {warning}", stacklevel=3)
     return target
 
 
@@ -102,8 +133,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
 
 def _binarymos_config(directory: Path) -> dict | None:
     """The ``binarymos`` entry of a trained (not packed) binarized model's config.json, if any."""
-    import json
-
     config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
     return config.get("binarymos")
 
