@@ -166,6 +166,13 @@ def main() -> None:
     results_path = out / "scaling.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     batch = {"smollm2": 4, "llama7b": 1}
+
+    def comparison_base(name: str) -> dict:
+        """The TrainConfig fields that a model's 1-GPU and 2-GPU comparison runs (and the noise runs) share."""
+        base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
+                    batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
+        return dict(base, **json.loads(args.config_extra))
+
     for name in args.only.split(","):  # in the order given; each one's results are written as soon as they exist
         if name == "planner":
             results["planner"] = []
@@ -180,9 +187,7 @@ def main() -> None:
                                            "error": round(run["planned_gb"] / max(run["peaks_gb"]) - 1, 4)})
                 write(out, results)
         elif name == "noise":
-            base = dict(model=model_dir("smollm2", args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
-                        batch_size=batch["smollm2"], grad_accum=2, max_steps=args.steps, save_every=10**6, num_experts=4)
-            base.update(json.loads(args.config_extra))
+            base = dict(comparison_base("smollm2"), grad_accum=2)  # the 1-GPU comparison run, twice
             runs = [launch(dict(base, out=str(work / f"noise-{i}")), 1, gpu_index=i, wait=False) for i in (0, 1)]
             if any(r.wait() for r in runs):
                 raise RuntimeError("a noise-floor run failed")
@@ -197,9 +202,7 @@ def main() -> None:
             run = read_run(work / "resume")
             results["resume"] = {"steps": run["steps"], "finished": run["steps"][-1] == 12, "loss": run["loss"]}
         else:
-            base = dict(model=model_dir(name, args.layers, work, args.model), data="c4_wiki", seq_len=args.seq_len,
-                        batch_size=batch[name], max_steps=args.steps, save_every=10**6, num_experts=4)
-            base.update(json.loads(args.config_extra))
+            base = comparison_base(name)
             launch(dict(base, grad_accum=2, out=str(work / f"{name}-1gpu")), 1)
             for strategy in args.strategies.split(","):
                 launch(dict(base, grad_accum=1, strategy=strategy, out=str(work / f"{name}-2gpu-{strategy}")), 2)

@@ -55,7 +55,7 @@ import triton.language as tl
 DECODE_MAX_M = 16
 ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
 GEMV_ROUTER_BLOCK_K = 2048  # the same for one token: few partials, which every program of the GEMV sums
-DECODE_PROGRAMS, MAX_SPLIT = 1024, 16  # decode programs to aim for (132 SMs on an H100); K splits at most
+SPLIT_PROGRAMS, MAX_SPLIT = 1024, 16  # split-K programs to aim for (132 SMs on an H100); K splits at most
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
 PREP_BLOCK_M, PREP_BLOCK_K = 1, 1024  # many short programs: the two passes over K are latency-bound
@@ -235,6 +235,16 @@ def _release_fence(like, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _arrives_last(count_ptr, like, SPLIT: tl.constexpr, INTERPRET: tl.constexpr):
+    """After a program stored its split-K partials: make them visible GPU-wide, count its arrival, and
+    say whether it is the last of the SPLIT programs of its row block (which then sums the partials
+    and resets the count to 0 for the next call or graph replay)."""
+    _release_fence(like, INTERPRET)
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+
+
+@triton.jit
 def _decode_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr, M, N, K,
                    KB, C, stride_xm, stride_ym, STEPS, E: tl.constexpr, E_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                    NEG_ONE: tl.constexpr, INTERPRET: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -288,9 +298,7 @@ def _decode_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_pt
     else:
         tile = partial_ptr + rm[:, None] * N + rn[None, :]
         tl.store(tile + pid_s * BLOCK_M * N, acc, mask=rn[None, :] < N)
-        _release_fence(rm, INTERPRET)
-        tl.debug_barrier()
-        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+        if _arrives_last(lock_ptr + pid_n, rm, SPLIT, INTERPRET):
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for s in range(SPLIT):
                 acc += tl.load(tile + s * BLOCK_M * N, mask=rn[None, :] < N, other=0.0, cache_modifier=".cg")
@@ -517,9 +525,7 @@ def _gemv_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr,
     s_out = _mix_scalar(gates, s_out, E)
     if SPLIT > 1:
         tl.store(partial_ptr + pid_s * N + rn, out, mask=rn < N)
-        _release_fence(rn, INTERPRET)
-        tl.debug_barrier()
-        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+        if _arrives_last(lock_ptr + pid_n, rn, SPLIT, INTERPRET):
             rs = tl.arange(0, SPLIT_P)
             part = tl.load(partial_ptr + rs[:, None] * N + rn[None, :],
                            mask=(rs[:, None] < SPLIT) & (rn[None, :] < N), other=0.0, cache_modifier=".cg")
@@ -602,21 +608,18 @@ def decode_config(M: int, N: int, K: int) -> dict:
     return {"BLOCK_N": 32 if M == 1 else 64, "BLOCK_G": 64 if M == 1 else 32, "num_warps": 4, "num_stages": 2}
 
 
-def decode_split(N: int, K: int, block_n: int, block_g: int) -> int:
-    """How many programs share a column block's K.
+def k_split(N: int, block_n: int, k_steps: int) -> int:
+    """How many programs share a row block's ``k_steps`` steps of K (decode and one-token kernels alike).
 
-    One program per column block leaves each SM a few warps that wait on their own dependent
+    One program per row block leaves each SM a few warps that wait on their own dependent
     instructions (measured 13 us for 4096 x 4096 at M = 1, where the instruction count allows ~2);
-    splitting K raises the programs to about DECODE_PROGRAMS, each with at least one step.
+    splitting K raises the programs to about SPLIT_PROGRAMS, each with at least one step.
     """
-    n_blocks, k_steps = triton.cdiv(N, block_n), triton.cdiv(triton.cdiv(K, 8), block_g)
+    n_blocks = triton.cdiv(N, block_n)
     if n_blocks > MAX_LOCKS:
         return 1
-    split = max(1, min(k_steps, DECODE_PROGRAMS // n_blocks, MAX_SPLIT))
+    split = max(1, min(k_steps, SPLIT_PROGRAMS // n_blocks, MAX_SPLIT))
     return triton.cdiv(k_steps, triton.cdiv(k_steps, split))  # no program left without a step
-
-
-GEMV_PROGRAMS = 1024  # one-token programs to aim for
 
 
 def gemv_config(N: int, K: int, dtype: torch.dtype) -> dict:
@@ -632,22 +635,13 @@ def gemv_config(N: int, K: int, dtype: torch.dtype) -> dict:
     if env:
         return {k.strip(): int(v) for k, v in (item.split("=") for item in env.split(",") if item.strip())}
     kw = triton.cdiv(triton.cdiv(K, 8), 4)
-    block_n = 128 if triton.cdiv(N, 128) * gemv_split(N, kw, 128, 32) >= 2 * 132 else 64
+    block_n = 128 if triton.cdiv(N, 128) * k_split(N, 128, triton.cdiv(kw, 32)) >= 2 * 132 else 64
     return {"BLOCK_N": block_n, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1, "TERMS": 16, "PDL": 1}
 
 
 GEMV_SWEEP = [dict(BLOCK_N=n, BLOCK_W=w, num_warps=nw, num_stages=1) for n, w, nw in
               [(32, 32, 4), (64, 32, 4), (128, 32, 4), (128, 32, 8), (256, 32, 8), (64, 64, 4), (128, 64, 8),
                (128, 16, 4), (256, 16, 8), (64, 128, 4), (128, 128, 8)]]  # tiles compiled offline (sass_report)
-
-
-def gemv_split(N: int, KW: int, block_n: int, block_w: int) -> int:
-    """How many programs share a row block's K words (as decode_split, counted in words)."""
-    n_blocks, k_steps = triton.cdiv(N, block_n), triton.cdiv(KW, block_w)
-    if n_blocks > MAX_LOCKS:
-        return 1
-    split = max(1, min(k_steps, GEMV_PROGRAMS // n_blocks, MAX_SPLIT))
-    return triton.cdiv(k_steps, triton.cdiv(k_steps, split))
 
 
 def gemv_applies(packed_weight: torch.Tensor) -> bool:
@@ -674,7 +668,7 @@ def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, 
     terms = cfg.pop("TERMS", 16)
     pdl = (bool(cfg.pop("PDL", False)) and not interpret and x2.is_cuda
            and torch.cuda.get_device_capability(x2.device)[0] >= 9)  # griddepcontrol: sm_90
-    split = cfg.pop("SPLIT", None) or gemv_split(N, KW, cfg["BLOCK_N"], cfg["BLOCK_W"])
+    split = cfg.pop("SPLIT", None) or k_split(N, cfg["BLOCK_N"], triton.cdiv(KW, cfg["BLOCK_W"]))
     steps = triton.cdiv(triton.cdiv(KW, cfg["BLOCK_W"]), split)
     launches = []
     logits, C = y, 0
@@ -738,7 +732,7 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
                                  BLOCK_M=DECODE_MAX_M, BLOCK_K=ROUTER_BLOCK_K)
         block_m = 1 if M == 1 else 16  # one token: plain FMAs; more: 16 rows, mixed on the tensor cores
         n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        split = cfg.pop("SPLIT", None) or decode_split(N, in_features, cfg["BLOCK_N"], cfg["BLOCK_G"])
+        split = cfg.pop("SPLIT", None) or k_split(N, cfg["BLOCK_N"], triton.cdiv(KB, cfg["BLOCK_G"]))
         steps = triton.cdiv(triton.cdiv(KB, cfg["BLOCK_G"]), split)
         partial, locks = y, y
         if split > 1:
