@@ -23,7 +23,7 @@
 # teacher sampling. Work files in $W; results packed into $OUT/quality-<step>.tar.gz.
 #
 # session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
-# (10) each at batch 8 (SHARE_GPU=1: both at once), and its full-precision teacher evaluated. EVAL_WINDOWS
+# (10) each at batch 8 (SHARE_GPU=1: both at once), its full-precision teacher evaluated meanwhile. EVAL_WINDOWS
 # limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options.
 # session bf16 (one GPU): E=4 at batch 8
 # for BF16_MINUTES (6), once as by default and once with --bf16-compute.
@@ -126,15 +126,16 @@ EOF
 lanes-gemma)  # what `session gemma` runs detached: E=4 and E=1 side by side, on GPUs 0 and 1 where there are
     # two; on one GPU one after the other, or both at once with SHARE_GPU=1
     SHORT=${SHORT_MINUTES:-10}
+    python -c "import transformers; print('transformers', transformers.__version__)"
     python -c "from binarymos.models import loadable; loadable('$G')"
+    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" \
+        ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$W/gemma-fp.log" 2>&1 &  # alongside the students' start
     SECOND=0
     [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && SECOND=1
     timed_run 0 gemma-e4-${SHORT}min "$SHORT" --model "$G" --batch-size 8 ${GEMMA_TRAIN_ARGS:-} &
     [ "$SECOND" = 1 ] || [ -n "${SHARE_GPU:-}" ] || wait
     timed_run $SECOND gemma-e1-${SHORT}min "$SHORT" --model "$G" --batch-size 8 -E 1 ${GEMMA_TRAIN_ARGS:-} &
     wait
-    CUDA_VISIBLE_DEVICES=0 $BM eval --model "$G" --ppl wikitext2,c4 --json "$W/gemma-fp.json" \
-        ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$W/gemma-fp.log" 2>&1
     touch "$W/done"
     ;;
 lanes-x2)  # what `session x2` runs detached: issue 6's planner check on new configurations and the noise floor
@@ -163,6 +164,7 @@ poll)
         [ -f "$log" ] && echo "$(basename "$(dirname "$log")"): $(tail -n 1 "$log")"
     done
     for e in "$W"/*/eval.json; do [ -f "$e" ] && echo "$(basename "$(dirname "$e")"): $(cat "$e")"; done
+    for e in "$W"/*.json; do [ -f "$e" ] && echo "$(basename "$e"): $(cat "$e")"; done
     for log in "$W"/*.log; do  # the last line of each, progress bars' carriage returns taken as line ends
         [ -f "$log" ] && echo "$(basename "$log"): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1)"
     done
