@@ -4,7 +4,7 @@
 #   bash benchmarks/quality_study.sh session      # 4 GPUs, ~23 minutes, detached (below); returns at once
 #   bash benchmarks/quality_study.sh session gemma  # 1-2 GPUs, ~24 / 12 minutes: the second architecture
 #   bash benchmarks/quality_study.sh session x2     # 2 GPUs, ~8 minutes: issue 6's planner check and noise floor
-#   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~15 minutes: --bf16-compute against the default
+#   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~22 minutes: --bf16-compute (and --compile) against the default
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -25,8 +25,8 @@
 # session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
 # (10) each at batch 8 (SHARE_GPU=1: both at once), its full-precision teacher evaluated meanwhile. EVAL_WINDOWS
 # limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options.
-# session bf16 (one GPU): E=4 at batch 8
-# for BF16_MINUTES (6), once as by default and once with --bf16-compute.
+# session bf16 (one GPU): E=4 at batch 8 for BF16_MINUTES (6) each, one after the other: as by default,
+# with --bf16-compute, and with --bf16-compute --compile.
 set -uo pipefail
 STEP=${1:?session, poll, budget, probe, compare or levers}
 M=${M:-/tmp/smollm2.gguf}
@@ -150,6 +150,7 @@ lanes-bf16)  # what `session bf16` runs detached, on one GPU
     python -c "from binarymos.models import loadable; loadable('$M')"
     timed_run 0 e4-fp32-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing
     timed_run 0 e4-bf16-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute
+    timed_run 0 e4-bf16-compile-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute --compile
     touch "$W/done"
     ;;
 poll)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from pack_helpers import SPECIALS, encode, tiny_lm, tiny_tokenizer
 
 from binarymos.cli import main
 from binarymos.models import load_model
@@ -53,3 +54,21 @@ def test_bad_layers_are_one_line_errors(run_dir, tmp_path, capsys, layers, messa
 def test_a_model_without_binarymos_layers_is_refused(teacher_dir, tmp_path, capsys):
     assert main(["analyze", str(teacher_dir), "--out", str(tmp_path)]) == 2
     assert "no BinaryMoS layers" in capsys.readouterr().err
+
+
+def test_a_gemma_run_is_analysed_after_its_bos_and_the_bos_is_the_first_label(text_file, tmp_path):
+    teacher, run = tmp_path / "gemma", tmp_path / "run"
+    tiny_lm("gemma3_text").save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    train(TrainConfig(model=str(teacher), data=str(text_file), out=str(run), seq_len=32, batch_size=2, max_steps=1,
+                      num_experts=2, device="cpu", save_every=100))
+    text = "The cat sat."
+    assert main(["analyze", str(run), "--out", str(tmp_path / "pictures"), "--layers", "0", "--text", text]) == 0
+    summary = json.loads((tmp_path / "pictures" / "analyze.json").read_text())
+    assert summary["tokens"] == ["<s>", *text]
+    model = load_model(str(run / "model"))[0]
+    block = model.model.layers[0]
+    with torch.no_grad():  # Gemma's embedding scales by sqrt(hidden size) itself
+        x = block.input_layernorm(model.model.embed_tokens(torch.tensor([SPECIALS.index("<s>"), *encode(text)])))
+        expected = torch.softmax(x @ block.self_attn.q_proj.router.weight.T, -1)
+    torch.testing.assert_close(torch.tensor(summary["gates"]["model.layers.0.self_attn.q_proj"]), expected)

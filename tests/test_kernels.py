@@ -115,6 +115,39 @@ def test_cpu_dispatch_is_the_reference():
     assert torch.allclose(packed(x), binary_mos_linear_reference(x, *args))
 
 
+# ---- prefill (M > 16): unpack + cuBLAS ----
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 40])
+@pytest.mark.parametrize("in_f, out_f, experts, bias", [(1000, 777, 4, True), (76, 45, 1, False)])
+@pytest.mark.parametrize("prep_block_m, chunks", [(1, 3), (4, 1)])
+def test_prefill_cublas_matches_float64(kernels, monkeypatch, dtype, m, in_f, out_f, experts, bias, prep_block_m,
+                                        chunks):
+    """Signs unpacked to a scratch tensor, cuBLAS's product (CPU matmul here), s_out and bias applied in place;
+    with a signs cap that splits the output rows into ``chunks`` chunks."""
+    monkeypatch.setattr(kernels, "UNPACK_MAX_ELEMENTS", out_f * in_f // chunks)
+    assert -(-out_f // kernels._unpacked_rows(out_f, in_f)) == chunks
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, experts, bias, seed=m), dtype=dtype)
+    args = (packed.packed_weight, packed.router if experts > 1 else None, packed.scale_in, packed.scale_out,
+            packed.bias)
+    x = torch.randn(m, in_f).to(dtype)
+    out = torch.full((m, out_f), float("nan"), dtype=dtype)
+    kernels.binary_mos_linear_triton(x, *args, config={"PREFILL": "cublas", "PREP_BLOCK_M": prep_block_m}, out=out)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, reference64(x, *args)) < TOL[dtype]
+
+
+def test_prefill_design_selection(kernels, monkeypatch):
+    monkeypatch.delenv("BINARYMOS_PREFILL", raising=False)
+    assert "PREFILL" not in kernels.prefill_config(40, 45, 76)  # the fused kernel's tile
+    monkeypatch.setenv("BINARYMOS_PREFILL", "cublas")
+    assert kernels.prefill_config(40, 45, 76)["PREFILL"] == "cublas"
+    assert "PREFILL" not in kernels.prefill_config(40, 45, 76, "fused")
+    monkeypatch.setenv("BINARYMOS_PREFILL", "cutlass")
+    with pytest.raises(ValueError):
+        kernels.prefill_config(40, 45, 76)
+
+
 # ---- one token (M == 1): the sign-flip GEMV (_gemv_kernel) ----
 
 def unpack_signs64(packed: torch.Tensor, in_f: int) -> torch.Tensor:

@@ -88,12 +88,18 @@ def test_bad_data_names_are_refused(name):
         synth.split_data(name)
 
 
-def test_a_gemma_teachers_training_blocks_start_with_its_bos(tmp_path, monkeypatch):
+def gemma_teacher(tmp_path, monkeypatch):
+    """A tiny Gemma saved with the tiny tokenizer under tmp_path, which also holds the sampled text's cache."""
     monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
     teacher = tmp_path / "gemma"
     tiny_lm("gemma3_text").save_pretrained(teacher)
+    tiny_tokenizer().save_pretrained(teacher)
+    return teacher
+
+
+def test_a_gemma_teachers_training_blocks_start_with_its_bos(tmp_path, monkeypatch):
+    teacher = gemma_teacher(tmp_path, monkeypatch)
     tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(teacher)
     text = "The quick brown fox jumps over the lazy dog. " * 20
     (tmp_path / "train.txt").write_text(text)
     stream = encode(text) + [tokenizer.eos_token_id]
@@ -103,3 +109,16 @@ def test_a_gemma_teachers_training_blocks_start_with_its_bos(tmp_path, monkeypat
     assert blocks[:, 0].tolist() == [BOS] * len(blocks)
     assert real[:, 1:].flatten().tolist() == stream[: len(real) * 15]
     assert torch.equal(sampled, plain_sampling(tiny_lm("gemma3_text"), 3, 16, 1.0, seed=0, bos=BOS))
+
+
+@pytest.mark.parametrize("teacher_seq_len", [10, 24])
+def test_a_gemma_teachers_sequences_of_another_length_are_cut_into_blocks_that_start_with_its_bos(
+        tmp_path, monkeypatch, teacher_seq_len):
+    teacher = gemma_teacher(tmp_path, monkeypatch)
+    blocks = prepare(TrainConfig(model=str(teacher), data="teacher", teacher_samples=3, teacher_seq_len=teacher_seq_len,
+                                 seq_len=16, device="cpu", out=str(tmp_path / "run")))[3]
+    # the sequences without their BOS, joined: each block is the BOS and the next 15 tokens of that stream
+    stream = plain_sampling(tiny_lm("gemma3_text"), 3, teacher_seq_len, 1.0, seed=0, bos=BOS)[:, 1:].flatten()
+    assert len(blocks) == len(stream) // 15
+    assert blocks[:, 0].tolist() == [BOS] * len(blocks) and (blocks[:, 1:] != BOS).all()
+    assert blocks[:, 1:].flatten().tolist() == stream[: len(blocks) * 15].tolist()

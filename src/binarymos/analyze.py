@@ -1,6 +1,7 @@
 """`binarymos analyze RUN --out DIR`: the paper's pictures of a trained run, as PNG files.
 
-    gates.png    per-token gating scores G = softmax(x W_R) of the chosen layers over a sentence
+    gates.png    per-token gating scores G = softmax(x W_R) of the chosen layers over a sentence (after the
+                 BOS for models that need one, data.needs_bos)
     scales.png   per-token scales s_in / s_out of those layers against the static scale (the mean of
                  the experts: what one expert, OneBit, would hold), for the channels that move most
     loss.png     the loss terms of RUN/log.jsonl against trained tokens
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .convert import binarized_layers, decoder_blocks
+from .data import leading_bos
 from .nn import BinaryMoSLinear
 
 DEFAULT_TEXT = "The capital of France is Paris, a city known for its art, its food and the Eiffel Tower."
@@ -140,9 +142,11 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
         raise FileNotFoundError(f"analyze: {run} is neither a run directory nor a trained model directory")
     model, tokenizer = load_model(str(model_dir))
     chosen = choose_layers(model, layers)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TOKENS])
-    if len(ids) == 0:
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not text_ids:
         raise ValueError("analyze: --text is empty")
+    bos = leading_bos(model.config, tokenizer)  # as in training (Gemma: <bos> first), labelled like the text
+    ids = torch.tensor(([] if bos is None else [bos]) + text_ids)[:MAX_TOKENS]
     inputs = layer_inputs(model, chosen, ids)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

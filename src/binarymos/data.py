@@ -158,7 +158,7 @@ def leading_bos(config, tokenizer) -> int | None:
     return tokenizer.bos_token_id if needs_bos(config) else None
 
 
-def _rows(ids: list[int], seq_len: int, bos_token_id: int | None, *caps: int | None) -> torch.Tensor:
+def cut_rows(ids: list[int], seq_len: int, bos_token_id: int | None, *caps: int | None) -> torch.Tensor:
     """Non-overlapping (N, seq_len) rows of ``ids``, at most each cap; with ``bos_token_id``, each row
     is that id followed by the next seq_len - 1 ids."""
     width = seq_len if bos_token_id is None else seq_len - 1
@@ -183,7 +183,7 @@ def token_blocks(tokenizer, docs: list[str], seq_len: int, bos_token_id: int | N
             ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
             if eos is not None:
                 ids.append(eos)
-    blocks = _rows(ids, seq_len, bos_token_id)
+    blocks = cut_rows(ids, seq_len, bos_token_id)
     if len(blocks) == 0:
         raise DataError(f"only {len(ids)} tokens of text: not one block of {seq_len}")
     return blocks
@@ -212,4 +212,4 @@ def eval_windows(tokenizer, name: str, seq_len: int = 2048, root=None, max_windo
         ids = tokenizer(text, return_tensors=None)["input_ids"]
     else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _rows(ids, seq_len, bos_token_id, limit, max_windows)
+    return cut_rows(ids, seq_len, bos_token_id, limit, max_windows)

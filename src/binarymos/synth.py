@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .data import DataError, leading_bos
+from .data import DataError, cut_rows, leading_bos
 from .models import _cache_dir, resolve
 
 TEACHER = "teacher"
@@ -122,12 +122,13 @@ def teacher_tokens(model, tokenizer, model_name: str, count: int, seq_len: int, 
     return ids
 
 
-def as_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Generated sequences as (N, seq_len) training blocks: as they are when their length is seq_len, else
-    concatenated and cut (the teacher then sees the same joined context the student does; blocks then
-    start mid-sequence, without the BOS a Gemma-type model's sequences begin with)."""
-    flat = ids.flatten()
-    n = len(flat) // seq_len
-    if n == 0:
-        raise DataError(f"only {len(flat)} teacher tokens: not one block of {seq_len}")
-    return flat[: n * seq_len].view(n, seq_len)
+def as_blocks(ids: torch.Tensor, seq_len: int, bos_token_id: int | None = None) -> torch.Tensor:
+    """Generated sequences as (N, seq_len) training blocks, cut from their concatenation as real text is
+    (data.cut_rows; the teacher then sees the same joined context the student does). With ``bos_token_id``
+    (which ``sample`` put at the start of every sequence) the stream leaves it out and each block starts with
+    it, so sequences of length seq_len come back as they are."""
+    stream = ids if bos_token_id is None else ids[:, 1:]
+    blocks = cut_rows(stream.flatten().tolist(), seq_len, bos_token_id)
+    if len(blocks) == 0:
+        raise DataError(f"only {stream.numel()} teacher tokens: not one block of {seq_len}")
+    return blocks

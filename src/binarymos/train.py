@@ -281,7 +281,8 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     docs = documents(real, "train", cfg.data_dir) if real else []  # bad data fails before the model loads
     with distributed.main_first(env):
         teacher, tokenizer = load_model(cfg.model, dtype=torch.float32, device="cpu" if env.is_main else "meta")
-    blocks = [token_blocks(tokenizer, docs, cfg.seq_len, leading_bos(teacher.config, tokenizer))] if real else []
+    bos = leading_bos(teacher.config, tokenizer)
+    blocks = [token_blocks(tokenizer, docs, cfg.seq_len, bos)] if real else []
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
                                                                router_init_std=cfg.router_init_std),
@@ -296,7 +297,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         ids = teacher_tokens(teacher.to(device), tokenizer, cfg.model, cfg.teacher_samples,
                              cfg.teacher_seq_len or cfg.seq_len, cfg.teacher_temperature, cfg.seed,
                              cfg.teacher_batch_size) if env.is_main else None
-        blocks.append(as_blocks(env.from_main(ids), cfg.seq_len))
+        blocks.append(as_blocks(env.from_main(ids), cfg.seq_len, bos))
     blocks = torch.cat(blocks)
     student.requires_grad_(False)
     for group in param_groups(student, cfg):

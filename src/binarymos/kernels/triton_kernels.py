@@ -27,11 +27,18 @@ one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise d
        Optionally (config PDL=1, sm_90) launched as a programmatic dependent of the router, so that
        its weight loads start before the router has finished.
 
-prefill (M > 16)
-    1. ``_prep_kernel``: per row, the router logits over the whole input, the gates, and
-       xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
+prefill (M > 16), one of two designs (prefill_config; BINARYMOS_PREFILL=fused|cublas overrides it)
+    1. ``_prep_kernel``: per PREP_BLOCK_M rows, the router logits over the whole input, the gates,
+       and xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
+    fused (the default):
     2. ``_prefill_kernel``: a tiled GEMM over xs, computed transposed so that the signs, unpacked
        from the packed bytes in registers, are the register operand of Hopper's wgmma; same epilogue.
+    unpack + cuBLAS:
+    2. per chunk of output rows (at most about UNPACK_MAX_ELEMENTS signs, one chunk for most
+       layers): ``_unpack_kernel`` writes the signs as +-1 in x's dtype to a scratch tensor, and
+       cuBLAS computes xs @ signs.T into those columns of y, rounded to x's dtype as the reference's
+       matmul rounds it.
+    3. ``_scale_output_kernel``: y = y * s_out + bias in place, the decode kernels' epilogue.
 
 Numbers follow the reference: s_in and s_out are rounded to x's dtype, x * s_in is rounded to
 x's dtype, products accumulate in fp32 (for one token: 16-term partial sums in x's dtype first,
@@ -59,6 +66,10 @@ SPLIT_PROGRAMS, MAX_SPLIT = 1024, 16  # split-K programs to aim for (132 SMs on 
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
 PREP_BLOCK_M, PREP_BLOCK_K = 1, 1024  # many short programs: the two passes over K are latency-bound
+PREP_TILE = 4096  # elements of x per prep step: BLOCK_K shrinks as a config's PREP_BLOCK_M grows past 4
+UNPACK_MAX_ELEMENTS = 1 << 26  # signs per unpacked chunk of the cuBLAS prefill (128 MB in 16 bits)
+UNPACK_BLOCK_N, UNPACK_BLOCK_K = 32, 256  # output rows x inputs per _unpack_kernel program
+SCALE_BLOCK_M, SCALE_BLOCK_N = 64, 64  # tokens x outputs per _scale_output_kernel program
 NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80}  # -1.0; xor with 0x8000 gives +1.0
 
 
@@ -568,6 +579,43 @@ def _prep_kernel(x_ptr, router_ptr, s_in_ptr, logits_ptr, xs_ptr, M, K, stride_x
 
 
 @triton.jit
+def _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE: tl.constexpr, dt: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """+-1 in dt for rows rn, inputs k0..k0 + BLOCK_K - 1 (k0 a multiple of 8): bit j of each byte
+    moved to the sign bit of input 8g + j, xor -1. Inputs past K are unpacked from padding bits or
+    zero bytes: whatever they hold must meet zeros or be masked out."""
+    rg = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    w = tl.load(w_ptr + rn[:, None] * KB + rg[None, :], mask=(rn[:, None] < N) & (rg[None, :] < KB), other=0)
+    shifts = 15 - tl.arange(0, 8).to(tl.uint16)
+    bits = ((w.to(tl.uint16)[:, :, None] << shifts[None, None, :]) & 0x8000) ^ NEG_ONE
+    return tl.reshape(bits.to(tl.uint16), (BLOCK_N, BLOCK_K)).to(dt, bitcast=True)
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, signs_ptr, N, K, KB, NEG_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """signs (N, K) = the packed rows (N, KB) as +-1 in signs' dtype, for the cuBLAS prefill."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    signs = _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE, signs_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+    tl.store(signs_ptr + rn[:, None] * K + rk[None, :], signs, mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+@triton.jit
+def _scale_output_kernel(y_ptr, logits_ptr, s_out_ptr, bias_ptr, M, N, C, stride_ym, E: tl.constexpr,
+                         E_P: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """In place, y = y * s_out (+ bias) for a tile of the cuBLAS product (already in y's dtype)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N),
+                  other=0.0).to(tl.float32)
+    gates = _gates(logits_ptr, rm, M, C, E, E_P, BLOCK_M)
+    _store_output(acc, gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, E, E_P, HAS_BIAS, INTERPRET,
+                  BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _prefill_kernel(xs_ptr, w_ptr, logits_ptr, s_out_ptr, bias_ptr, y_ptr, M, N, K, KB, C, stride_ym,
                     E: tl.constexpr, E_P: tl.constexpr, HAS_BIAS: tl.constexpr, NEG_ONE: tl.constexpr,
                     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -588,15 +636,11 @@ def _prefill_kernel(xs_ptr, w_ptr, logits_ptr, s_out_ptr, bias_ptr, y_ptr, M, N,
     pid_n = (pid % (GROUP_M * grid_n)) // size_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    shifts = 15 - tl.arange(0, 8).to(tl.uint16)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xs_t = tl.load(xs_ptr + rm[None, :] * K + rk[:, None], mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
-        rg = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(w_ptr + rn[:, None] * KB + rg[None, :], mask=(rn[:, None] < N) & (rg[None, :] < KB), other=0)
-        bits = ((w.to(tl.uint16)[:, :, None] << shifts[None, None, :]) & 0x8000) ^ NEG_ONE
-        signs = tl.reshape(bits.to(tl.uint16), (BLOCK_N, BLOCK_K)).to(xs_t.dtype, bitcast=True)
+        signs = _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE, xs_t.dtype, BLOCK_N, BLOCK_K)
         acc = _dot(signs, xs_t, acc, INTERPRET)
     gates = _gates(logits_ptr, rm, M, C, E, E_P, BLOCK_M)
     _store_output(tl.trans(acc), gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, E, E_P, HAS_BIAS,
@@ -694,9 +738,60 @@ def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, 
     return launches
 
 
-def prefill_config(M: int, N: int, K: int) -> dict:
+PREFILL_DESIGNS = ("fused", "cublas")
+
+
+def prefill_config(M: int, N: int, K: int, design: str | None = None) -> dict:
+    """The prefill design and its tile: the fused kernel's tile (the default), or {"PREFILL": "cublas",
+    "PREP_BLOCK_M": ..}. BINARYMOS_PREFILL=fused|cublas overrides the default design. Both designs take
+    PREP_BLOCK_M, the rows per program of _prep_kernel (PREP_BLOCK_M when the config has none)."""
+    design = design or os.environ.get("BINARYMOS_PREFILL") or "fused"
+    if design not in PREFILL_DESIGNS:
+        raise ValueError(f"prefill design {design!r}: expected one of {PREFILL_DESIGNS}")
+    if design == "cublas":
+        return {"PREFILL": "cublas", "PREP_BLOCK_M": PREP_BLOCK_M}
     return {"BLOCK_M": 256 if M >= 1024 else 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
             "num_stages": 4 if M >= 1024 else 3}
+
+
+def _unpacked_rows(N: int, K: int) -> int:
+    """Output rows per chunk of the cuBLAS prefill: equal chunks of at most about UNPACK_MAX_ELEMENTS
+    signs, a multiple of 8 rows, so that each chunk's columns of y start 16-byte aligned when N is."""
+    chunks = triton.cdiv(N * K, UNPACK_MAX_ELEMENTS)
+    return min(N, 8 * triton.cdiv(triton.cdiv(N, chunks), 8))
+
+
+def _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, common, interpret):
+    """y (M, N) for M > 16 tokens, by the design that ``cfg`` names (see the module doc).
+    ``bias`` is the bias or an unread placeholder pointer."""
+    M, K = x2.shape
+    N, KB = packed_weight.shape
+    cfg = dict(cfg)
+    design = cfg.pop("PREFILL", "fused")
+    prep_block_m = cfg.pop("PREP_BLOCK_M", PREP_BLOCK_M)
+    xs = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
+    logits = torch.empty((1, M, common["E"]), device=x2.device, dtype=torch.float32)
+    has_router = common["E"] > 1
+    _prep_kernel[(triton.cdiv(M, prep_block_m),)](
+        x2, router if has_router else x2, scale_in, logits, xs, M, K, x2.stride(0), E=common["E"], E_P=common["E_P"],
+        HAS_ROUTER=has_router, INTERPRET=interpret, BLOCK_M=prep_block_m,
+        BLOCK_K=min(PREP_BLOCK_K, PREP_TILE // prep_block_m))
+    neg_one = NEG_ONE_BITS[x2.dtype]
+    if design == "fused":
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _prefill_kernel[grid](xs, packed_weight, logits, scale_out, bias, y, M, N, K, KB, int(has_router),
+                              y.stride(0), NEG_ONE=neg_one, INTERPRET=interpret, **common, **cfg)
+        return
+    rows = _unpacked_rows(N, K)
+    signs = torch.empty((rows, K), device=x2.device, dtype=x2.dtype)
+    for n0 in range(0, N, rows):
+        n = min(rows, N - n0)
+        _unpack_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(K, UNPACK_BLOCK_K))](
+            packed_weight[n0:], signs, n, K, KB, NEG_ONE=neg_one, BLOCK_N=UNPACK_BLOCK_N, BLOCK_K=UNPACK_BLOCK_K)
+        torch.mm(xs, signs[:n].T, out=y[:, n0:n0 + n])  # a strided view of y, which cuBLAS writes directly
+    _scale_output_kernel[(triton.cdiv(M, SCALE_BLOCK_M), triton.cdiv(N, SCALE_BLOCK_N))](
+        y, logits, scale_out, bias, M, N, int(has_router), y.stride(0), INTERPRET=interpret, BLOCK_M=SCALE_BLOCK_M,
+        BLOCK_N=SCALE_BLOCK_N, **common)
 
 
 def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, out=None):
@@ -743,16 +838,8 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
             x2.stride(0), y.stride(0), steps, NEG_ONE=NEG_ONE_BITS[x.dtype], INTERPRET=interpret, SPLIT=split,
             BLOCK_M=block_m, **dict(common, E_P=common["E_P"] if M == 1 else max(16, common["E_P"])), **cfg)
     else:
-        cfg = dict(config or prefill_config(M, N, in_features))
-        xs = torch.empty((M, in_features), device=x.device, dtype=x.dtype)
-        logits = torch.empty((1, M, E), device=x.device, dtype=torch.float32)
-        has_router = E > 1
-        _prep_kernel[(triton.cdiv(M, PREP_BLOCK_M),)](
-            x2, router if has_router else x2, scale_in, logits, xs, M, in_features, x2.stride(0), E=E,
-            E_P=common["E_P"], HAS_ROUTER=has_router, INTERPRET=interpret, BLOCK_M=PREP_BLOCK_M, BLOCK_K=PREP_BLOCK_K)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _prefill_kernel[grid](xs, packed_weight, logits, scale_out, bias, y, M, N, in_features, KB, int(has_router),
-                              y.stride(0), NEG_ONE=NEG_ONE_BITS[x.dtype], INTERPRET=interpret, **common, **cfg)
+        _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, config or prefill_config(M, N, in_features),
+                 common, interpret)
     return y.reshape(*x.shape[:-1], N)
 
 
