@@ -9,11 +9,9 @@ read HBM as decoding a whole model does.
 
     PYTHONPATH=src python benchmarks/linear_latency.py --out docs/linear_latency.md
     PYTHONPATH=src python benchmarks/linear_latency.py --sweep   # time tile configs, print the best
-    PYTHONPATH=src python benchmarks/linear_latency.py --m 256,2048 --prefill fused,cublas   # both prefill designs
 
-With --prefill, every M > 16 gets one row (and one float64 check) per prefill design, labelled "2048 (cublas)";
-with --sweep it picks whose configs to sweep at M > 16 (default both): the fused kernel's tiles, or the cuBLAS
-design's PREP_BLOCK_M.
+--sweep times, per shape and M, the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16) and the
+prefill's PREP_BLOCK_M (M > 16).
 """
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from binarymos.kernels import binary_mos_linear_reference
-from binarymos.kernels.triton_kernels import (DECODE_MAX_M, GEMV_SWEEP, PREFILL_DESIGNS, binary_mos_linear_triton,
-                                              decode_config, prefill_config)
+from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config, prefill_config
 from binarymos.nn import BinaryMoSLinear
 
 PAPER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120)]  # (in, out)
@@ -57,18 +54,7 @@ def reference64(x: torch.Tensor, layer: dict) -> torch.Tensor:
                                        layer["scale_in"].double(), layer["scale_out"].double(), None)
 
 
-def prefill_variants(m: int, in_f: int, out_f: int, designs) -> list[tuple[str, dict | None]]:
-    """(design, config) to run at M tokens: each named prefill design at M > 16, else the default config alone."""
-    if m <= DECODE_MAX_M or not designs:
-        return [("", None)]
-    return [(design, prefill_config(m, out_f, in_f, design)) for design in designs]
-
-
-def m_label(m: int, design: str) -> str:
-    return f"{m} ({design})" if design else str(m)
-
-
-def check(shapes, ms, dtypes, device, designs=None) -> list[tuple]:
+def check(shapes, ms, dtypes, device) -> list[tuple]:
     """Relative error of ours against float64, output poisoned before the run; NaN if a value was left unwritten."""
     rows = []
     for dtype in dtypes:
@@ -77,11 +63,10 @@ def check(shapes, ms, dtypes, device, designs=None) -> list[tuple]:
             for m in ms:
                 x = torch.randn(m, in_f, device=device).to(dtype)
                 ref = reference64(x, layer)
-                for design, config in prefill_variants(m, in_f, out_f, designs):
-                    out = torch.full((m, out_f), float("nan"), device=device, dtype=dtype)
-                    binary_mos_linear_triton(x, **layer, config=config, out=out)
-                    err = ((out.double() - ref).norm() / ref.norm()).item()
-                    rows.append((str(dtype).removeprefix("torch."), in_f, out_f, m_label(m, design), err))
+                out = torch.full((m, out_f), float("nan"), device=device, dtype=dtype)
+                binary_mos_linear_triton(x, **layer, out=out)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                rows.append((str(dtype).removeprefix("torch."), in_f, out_f, m, err))
     return rows
 
 
@@ -177,46 +162,32 @@ def ideal_bytes(in_f, out_f, m, experts=4) -> tuple[int, int]:
     return ours, 2 * in_f * out_f + acts
 
 
-def benchmark(shapes, ms, device, on_row=lambda rows, bw: None, designs=None) -> tuple[list[dict], float]:
-    """One row per shape and M (per prefill design at M > 16 when ``designs`` names some)."""
+def benchmark(shapes, ms, device, on_row=lambda rows, bw: None) -> tuple[list[dict], float]:
+    """One row per shape and M."""
     bw = copy_bandwidth(device)
     rows = []
     for in_f, out_f in shapes:
         for m in ms:
             ours_b, dense_b = ideal_bytes(in_f, out_f, m)
-            base = {"shape": f"{in_f}->{out_f}", "M": m, "roofline_us": ours_b / bw * 1e6,
-                    "cublas_roofline_us": dense_b / bw * 1e6}
-            for name, make in (("cublas", cublas_calls), ("reference", reference_calls)):
-                base |= time_eager_and_graph(name, make(in_f, out_f, m, torch.float16, device))
-            for design, config in prefill_variants(m, in_f, out_f, designs):
-                row = base | {"prefill": design}
-                row |= time_eager_and_graph("ours", ours_calls(in_f, out_f, m, torch.float16, device, config))
-                rows.append(row)
-                print(f"{row['shape']:>12} M={m_label(m, design):<14} cuBLAS {row['cublas_graph']:8.1f} us  ours "
-                      f"{row['ours_graph']:8.1f} us  ({row['cublas_graph'] / row['ours_graph']:.2f}x, "
-                      f"{100 * row['roofline_us'] / row['ours_graph']:.0f}% of roofline)", flush=True)
-                on_row(rows, bw)
+            row = {"shape": f"{in_f}->{out_f}", "M": m, "roofline_us": ours_b / bw * 1e6,
+                   "cublas_roofline_us": dense_b / bw * 1e6}
+            for name, make in (("cublas", cublas_calls), ("reference", reference_calls), ("ours", ours_calls)):
+                row |= time_eager_and_graph(name, make(in_f, out_f, m, torch.float16, device))
+            rows.append(row)
+            print(f"{row['shape']:>12} M={m:<5} cuBLAS {row['cublas_graph']:8.1f} us  ours {row['ours_graph']:8.1f} us  "
+                  f"({row['cublas_graph'] / row['ours_graph']:.2f}x, "
+                  f"{100 * row['roofline_us'] / row['ours_graph']:.0f}% of roofline)", flush=True)
+            on_row(rows, bw)
     return rows, bw
 
 
 DECODE_SWEEP = [dict(BLOCK_N=n, BLOCK_G=g, num_warps=w, num_stages=s) for n, g, w, s in
                 [(32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
                  (256, 32, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]]
-PREFILL_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in
-                 [(256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 4),
-                  (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 128, 128, 8, 2)]]
-PREP_BLOCK_M_SWEEP = [1, 4, 8, 16]  # rows per program of the prep kernel, swept with the cuBLAS prefill
+PREP_BLOCK_M_SWEEP = [1, 4, 8, 16]  # rows per program of the prefill's prep kernel
 
 
-def prefill_sweep(m: int, in_f: int, out_f: int, designs) -> list[dict]:
-    """The configs to sweep at M > 16: the fused kernel's tiles, and the cuBLAS design's PREP_BLOCK_M."""
-    configs = list(PREFILL_SWEEP) if "fused" in designs else []
-    if "cublas" in designs:
-        configs += [dict(prefill_config(m, out_f, in_f, "cublas"), PREP_BLOCK_M=b) for b in PREP_BLOCK_M_SWEEP]
-    return configs
-
-
-def sweep(shapes, ms, device, designs=PREFILL_DESIGNS) -> list[tuple]:
+def sweep(shapes, ms, device) -> list[tuple]:
     """CUDA-graph time and error of every tile config, per shape and M; returns (shape, M, config, us) rows."""
     rows = []
     for in_f, out_f in shapes:
@@ -227,7 +198,8 @@ def sweep(shapes, ms, device, designs=PREFILL_DESIGNS) -> list[tuple]:
             ref = reference64(x, layer)
             # one token: the sign-flip GEMV's tiles, each with and without PDL, against the mma kernel's default
             gemv = [dict(c, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)] + [decode_config(1, out_f, in_f)]
-            for cfg in gemv if m == 1 else DECODE_SWEEP if m <= 16 else prefill_sweep(m, in_f, out_f, designs):
+            prefill = [dict(prefill_config(m, out_f, in_f), PREP_BLOCK_M=b) for b in PREP_BLOCK_M_SWEEP]
+            for cfg in gemv if m == 1 else DECODE_SWEEP if m <= 16 else prefill:
                 try:
                     us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
                     err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()
@@ -248,14 +220,14 @@ def markdown(rows, bw, check_rows, device_name) -> str:
              "| ours eager | ours graph | speed-up vs cuBLAS (graph) | ours % of roofline |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {m_label(r['M'], r.get('prefill'))} | {r['cublas_eager']:.1f} | "
+        lines.append(f"| {r['shape']} | {r['M']} | {r['cublas_eager']:.1f} | "
                      f"{r['cublas_graph']:.1f} | {r['reference_eager']:.1f} | {r['reference_graph']:.1f} | "
                      f"{r['ours_eager']:.1f} | {r['ours_graph']:.1f} | {r['cublas_graph'] / r['ours_graph']:.2f}x | "
                      f"{100 * r['roofline_us'] / r['ours_graph']:.0f}% |")
-    for m, design in sorted({(r["M"], r.get("prefill", "")) for r in rows}):
-        sel = [r for r in rows if (r["M"], r.get("prefill", "")) == (m, design)]
+    for m in sorted({r["M"] for r in rows}):
+        sel = [r for r in rows if r["M"] == m]
         geo = math.exp(statistics.mean(math.log(r["cublas_graph"] / r["ours_graph"]) for r in sel))
-        lines.append(f"\nM = {m_label(m, design)}: geometric-mean speed-up over fp16 cuBLAS (CUDA graph) {geo:.2f}x.")
+        lines.append(f"\nM = {m}: geometric-mean speed-up over fp16 cuBLAS (CUDA graph) {geo:.2f}x.")
     if check_rows:
         worst = max(check_rows, key=lambda r: r[-1] if not math.isnan(r[-1]) else math.inf)
         lines += ["", "Correctness against float64 (output poisoned with NaN before each run), relative error "
@@ -265,24 +237,12 @@ def markdown(rows, bw, check_rows, device_name) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prefill_designs(text: str) -> list[str]:
-    designs = [d.strip() for d in text.split(",") if d.strip()]
-    unknown = set(designs) - set(PREFILL_DESIGNS)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown prefill design(s) {sorted(unknown)}; known: {PREFILL_DESIGNS}")
-    return designs
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="markdown file (default: $OUT/linear_latency.md, else stdout only)")
     p.add_argument("--shapes", default=None, help="in:out,... (default: the paper's six)")
     p.add_argument("--m", default=None, help="token counts to time, comma-separated (default 1,16,256,2048)")
     p.add_argument("--sweep", action="store_true", help="time the tile configs instead, print the best per shape")
-    p.add_argument("--prefill", default=None, type=prefill_designs,
-                   help=f"prefill designs at M > 16, comma-separated from {','.join(PREFILL_DESIGNS)}: one row and "
-                        "check each (default: the default design alone); with --sweep, whose configs to sweep "
-                        "(default all)")
     p.add_argument("--no-check", action="store_true")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -293,13 +253,13 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else PAPER_SHAPES
     ms = [int(v) for v in args.m.split(",")] if args.m else TIMED_M
     if args.sweep:
-        rows = sweep(shapes, ms, device, args.prefill or PREFILL_DESIGNS)
+        rows = sweep(shapes, ms, device)
         for key in sorted({(s, m) for s, m, _, _ in rows}):
             best = min((r for r in rows if (r[0], r[1]) == key), key=lambda r: r[-1])
             print(f"best {key[0]} M={key[1]}: {best[3]:.1f} us {best[2]}")
         return 0
-    check_rows = [] if args.no_check else (check(shapes, CHECKED_M, [torch.float16], device, args.prefill)
-                                           + check(shapes, [1, 16, 2048], [torch.bfloat16], device, args.prefill))
+    check_rows = [] if args.no_check else (check(shapes, CHECKED_M, [torch.float16], device)
+                                           + check(shapes, [1, 16, 2048], [torch.bfloat16], device))
     bad = [r for r in check_rows if not r[-1] < 1e-2]
     out = args.out or (os.path.join(os.environ["OUT"], "linear_latency.md") if os.environ.get("OUT") else None)
 
@@ -307,7 +267,7 @@ def main(argv=None) -> int:
         if out:
             Path(out).write_text(markdown(rows, bw, check_rows, torch.cuda.get_device_name()))
 
-    rows, bw = benchmark(shapes, ms, device, write, args.prefill)
+    rows, bw = benchmark(shapes, ms, device, write)
     print(markdown(rows, bw, check_rows, torch.cuda.get_device_name()))
     if bad:
         print(f"linear_latency: {len(bad)} checks over 1e-2: {bad}", file=sys.stderr)

@@ -132,20 +132,9 @@ def test_prefill_cublas_matches_float64(kernels, monkeypatch, dtype, m, in_f, ou
             packed.bias)
     x = torch.randn(m, in_f).to(dtype)
     out = torch.full((m, out_f), float("nan"), dtype=dtype)
-    kernels.binary_mos_linear_triton(x, *args, config={"PREFILL": "cublas", "PREP_BLOCK_M": prep_block_m}, out=out)
+    kernels.binary_mos_linear_triton(x, *args, config={"PREP_BLOCK_M": prep_block_m}, out=out)
     assert not torch.isnan(out).any()
     assert rel_err(out, reference64(x, *args)) < TOL[dtype]
-
-
-def test_prefill_design_selection(kernels, monkeypatch):
-    monkeypatch.delenv("BINARYMOS_PREFILL", raising=False)
-    assert "PREFILL" not in kernels.prefill_config(40, 45, 76)  # the fused kernel's tile
-    monkeypatch.setenv("BINARYMOS_PREFILL", "cublas")
-    assert kernels.prefill_config(40, 45, 76)["PREFILL"] == "cublas"
-    assert "PREFILL" not in kernels.prefill_config(40, 45, 76, "fused")
-    monkeypatch.setenv("BINARYMOS_PREFILL", "cutlass")
-    with pytest.raises(ValueError):
-        kernels.prefill_config(40, 45, 76)
 
 
 # ---- one token (M == 1): the sign-flip GEMV (_gemv_kernel) ----

@@ -232,10 +232,8 @@ def test_bf16_compute_trains_and_gives_back_a_float32_model(teacher_dir, text_fi
     torch.testing.assert_close(loaded(ids).logits, student.eval()(ids).logits)
 
 
-def test_compile_compiles_each_decoder_block_once_and_trains_the_same_weights(teacher_dir, text_file, tmp_path,
-                                                                              monkeypatch):
-    from binarymos.convert import decoder_blocks
-
+def test_compile_compiles_student_and_teacher_and_trains_the_same_weights(teacher_dir, text_file, tmp_path,
+                                                                          monkeypatch):
     compiled = []
     real_compile = torch.compile
 
@@ -247,12 +245,9 @@ def test_compile_compiles_each_decoder_block_once_and_trains_the_same_weights(te
     plain = trainable(train(cfg(teacher_dir, text_file, tmp_path / "plain", max_steps=2)))
     assert compiled == []
     student = train(cfg(teacher_dir, text_file, tmp_path / "compiled", max_steps=2, compile=True))
-    blocks = list(decoder_blocks(student)[1])
-    assert all(block._compiled_call_impl is not None for block in blocks)
-    assert len(compiled) == 2 * len(blocks)  # the teacher's blocks and the student's, nothing else
-    assert student._compiled_call_impl is None
+    assert len(compiled) == 2 and student._compiled_call_impl is not None  # the teacher and the student
     weights = trainable(student)
-    assert weights.keys() == plain.keys()  # parameter names unchanged
+    assert weights.keys() == plain.keys()  # compiled in place: parameter names unchanged
     # traced kernels round differently, and Adam's first steps magnify that on near-zero router gradients
     # (up to 3e-4 seen): 1e-3 is a tenth of one step at lr_scale 1e-2, far below what a wrong gradient moves
     assert all(torch.allclose(plain[n], weights[n], atol=1e-3) for n in plain)

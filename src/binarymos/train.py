@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import distributed
-from .convert import BinaryMoSConfig, binarize, decoder_blocks
+from .convert import BinaryMoSConfig, binarize
 from .data import DEFAULT_DATA, documents, leading_bos, token_blocks
 from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
@@ -104,7 +104,7 @@ class TrainConfig:
     train_norms: bool = False       # also train the norms' weights, at lr_scale
     router_init_std: float = 0.02
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
-    compile: bool = False           # torch.compile each decoder block of student and teacher
+    compile: bool = False           # torch.compile the student and the teacher
     # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
     # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); measured +12 % tokens/s and
     # -32 % memory (SmolLM2, batch 8, H200), not yet perplexity at a budget, hence opt-in
@@ -315,19 +315,10 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
-    if cfg.compile:
-        compile_blocks(teacher)
-        compile_blocks(student)
+    if cfg.compile:  # in place, so parameter names (checkpoints, save_pretrained) stay as they are; the whole
+        teacher.compile()  # model, not each block: blocks alone measured no faster (docs/RESULTS.md)
+        student.compile()
     return teacher, student, tokenizer, blocks
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each decoder block in place (parameter names, so checkpoints and save_pretrained,
-    stay as they are). The blocks share one class and one compiled graph, so compilation costs about
-    one block, not the whole model: a whole-model compile of SmolLM2-135M took most of a 5-minute budget
-    on an H100 (docs/RESULTS.md)."""
-    for block in decoder_blocks(model)[1]:
-        block.compile()
 
 
 def planned_memory(cfg: TrainConfig, config, gpus: int = 1, strategy: str = "fsdp") -> dict:

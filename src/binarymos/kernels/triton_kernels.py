@@ -1,6 +1,7 @@
 """Triton kernels for the packed BinaryMoS layer (design and measurements: docs/KERNELS.md).
 
-Two paths, each two launches at most:
+Three paths: decode and one token take two launches at most; prefill four, two more per further chunk
+of unpacked signs (below):
 
 decode (M <= 16 tokens)
     1. ``_router_kernel``: partial router logits x @ router.T of one K-chunk per program, fp32.
@@ -27,18 +28,15 @@ one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise d
        Optionally (config PDL=1, sm_90) launched as a programmatic dependent of the router, so that
        its weight loads start before the router has finished.
 
-prefill (M > 16), one of two designs (prefill_config; BINARYMOS_PREFILL=fused|cublas overrides it)
-    1. ``_prep_kernel``: per PREP_BLOCK_M rows, the router logits over the whole input, the gates,
-       and xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
-    fused (the default):
-    2. ``_prefill_kernel``: a tiled GEMM over xs, computed transposed so that the signs, unpacked
-       from the packed bytes in registers, are the register operand of Hopper's wgmma; same epilogue.
-    unpack + cuBLAS:
-    2. per chunk of output rows (at most about UNPACK_MAX_ELEMENTS signs, one chunk for most
-       layers): ``_unpack_kernel`` writes the signs as +-1 in x's dtype to a scratch tensor, and
-       cuBLAS computes xs @ signs.T into those columns of y, rounded to x's dtype as the reference's
-       matmul rounds it.
+prefill (M > 16): the signs unpacked to memory, the product by cuBLAS
+    1. ``_prep_kernel``: per PREP_BLOCK_M rows (prefill_config), the router logits over the whole
+       input, the gates, and xs = x * s_in written once in x's dtype (rounded as the reference rounds it).
+    2. per chunk of output rows (at most about UNPACK_MAX_ELEMENTS signs: one chunk for most layers,
+       two for the paper's 5120 x 13824 either way): ``_unpack_kernel`` writes the signs as +-1 in
+       x's dtype to a scratch tensor, and cuBLAS computes xs @ signs.T into those columns of y,
+       rounded to x's dtype as the reference's matmul rounds it.
     3. ``_scale_output_kernel``: y = y * s_out + bias in place, the decode kernels' epilogue.
+    In all 2 + 2 * chunks launches, each chunk's second one cuBLAS's.
 
 Numbers follow the reference: s_in and s_out are rounded to x's dtype, x * s_in is rounded to
 x's dtype, products accumulate in fp32 (for one token: 16-term partial sums in x's dtype first,
@@ -46,7 +44,7 @@ then fp32; measured against float64 in tests/test_kernels.py). Router logits sta
 x's dtype first), a difference far below the dtype's resolution after the softmax; for 2..16
 tokens s_in is mixed in TF32 (see _mix_dot).
 
-No host synchronisation and no data-dependent shapes: CUDA graphs capture both paths, and under
+No host synchronisation and no data-dependent shapes: CUDA graphs capture every path, and under
 torch.compile the layer is the opaque custom op ``binarymos::binary_mos_linear``. The split-K
 arrival counts are one buffer per device, so two decode calls must not run concurrently on
 different streams of one device.
@@ -67,7 +65,7 @@ MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
 PREP_BLOCK_M, PREP_BLOCK_K = 1, 1024  # many short programs: the two passes over K are latency-bound
 PREP_TILE = 4096  # elements of x per prep step: BLOCK_K shrinks as a config's PREP_BLOCK_M grows past 4
-UNPACK_MAX_ELEMENTS = 1 << 26  # signs per unpacked chunk of the cuBLAS prefill (128 MB in 16 bits)
+UNPACK_MAX_ELEMENTS = 1 << 26  # signs per unpacked chunk of the prefill (128 MB in 16 bits)
 UNPACK_BLOCK_N, UNPACK_BLOCK_K = 32, 256  # output rows x inputs per _unpack_kernel program
 SCALE_BLOCK_M, SCALE_BLOCK_N = 64, 64  # tokens x outputs per _scale_output_kernel program
 NEG_ONE_BITS = {torch.float16: 0xBC00, torch.bfloat16: 0xBF80}  # -1.0; xor with 0x8000 gives +1.0
@@ -558,7 +556,7 @@ def _gemv_store(out, s_out, bias, y_ptr, rn, N, INTERPRET: tl.constexpr):
 def _prep_kernel(x_ptr, router_ptr, s_in_ptr, logits_ptr, xs_ptr, M, K, stride_xm, E: tl.constexpr,
                  E_P: tl.constexpr, HAS_ROUTER: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """For BLOCK_M rows: logits (stored for the GEMM's epilogue), gates, and xs = x * s_in."""
+    """For BLOCK_M rows: logits (stored for _scale_output_kernel), gates, and xs = x * s_in."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ce = tl.arange(0, E_P)
     logits = tl.zeros((BLOCK_M, E_P), tl.float32)
@@ -579,25 +577,19 @@ def _prep_kernel(x_ptr, router_ptr, s_in_ptr, logits_ptr, xs_ptr, M, K, stride_x
 
 
 @triton.jit
-def _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE: tl.constexpr, dt: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """+-1 in dt for rows rn, inputs k0..k0 + BLOCK_K - 1 (k0 a multiple of 8): bit j of each byte
-    moved to the sign bit of input 8g + j, xor -1. Inputs past K are unpacked from padding bits or
-    zero bytes: whatever they hold must meet zeros or be masked out."""
+def _unpack_kernel(w_ptr, signs_ptr, N, K, KB, NEG_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """signs (N, K) = the packed rows (N, KB) as +-1 in signs' dtype, for the prefill's cuBLAS product.
+
+    Bit j of each byte moved to the sign bit of input 8g + j, xor -1 (BLOCK_K a multiple of 8); the
+    inputs past K, unpacked from padding bits or zero bytes, are not stored."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
     rg = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     w = tl.load(w_ptr + rn[:, None] * KB + rg[None, :], mask=(rn[:, None] < N) & (rg[None, :] < KB), other=0)
     shifts = 15 - tl.arange(0, 8).to(tl.uint16)
     bits = ((w.to(tl.uint16)[:, :, None] << shifts[None, None, :]) & 0x8000) ^ NEG_ONE
-    return tl.reshape(bits.to(tl.uint16), (BLOCK_N, BLOCK_K)).to(dt, bitcast=True)
-
-
-@triton.jit
-def _unpack_kernel(w_ptr, signs_ptr, N, K, KB, NEG_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """signs (N, K) = the packed rows (N, KB) as +-1 in signs' dtype, for the cuBLAS prefill."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    rk = k0 + tl.arange(0, BLOCK_K)
-    signs = _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE, signs_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+    signs = tl.reshape(bits.to(tl.uint16), (BLOCK_N, BLOCK_K)).to(signs_ptr.dtype.element_ty, bitcast=True)
     tl.store(signs_ptr + rn[:, None] * K + rk[None, :], signs, mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
@@ -613,38 +605,6 @@ def _scale_output_kernel(y_ptr, logits_ptr, s_out_ptr, bias_ptr, M, N, C, stride
     gates = _gates(logits_ptr, rm, M, C, E, E_P, BLOCK_M)
     _store_output(acc, gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, E, E_P, HAS_BIAS, INTERPRET,
                   BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _prefill_kernel(xs_ptr, w_ptr, logits_ptr, s_out_ptr, bias_ptr, y_ptr, M, N, K, KB, C, stride_ym,
-                    E: tl.constexpr, E_P: tl.constexpr, HAS_BIAS: tl.constexpr, NEG_ONE: tl.constexpr,
-                    INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
-    """One (BLOCK_M tokens, BLOCK_N outputs) tile of y = ((xs @ B.T) * s_out + bias).
-
-    Computed transposed, acc (BLOCK_N, BLOCK_M) = signs @ xs.T: Hopper's wgmma takes its first
-    operand from registers, so the signs unpacked there feed the tensor cores directly, while xs
-    streams through shared memory in Triton's pipelined async copies. (With the signs second,
-    they would be written to shared memory every step and the loop would not pipeline.)
-    """
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)  # GROUP_M token blocks walk the same weight columns, from L2
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        xs_t = tl.load(xs_ptr + rm[None, :] * K + rk[:, None], mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
-        signs = _unpack_tile(w_ptr, rn, k0, N, KB, NEG_ONE, xs_t.dtype, BLOCK_N, BLOCK_K)
-        acc = _dot(signs, xs_t, acc, INTERPRET)
-    gates = _gates(logits_ptr, rm, M, C, E, E_P, BLOCK_M)
-    _store_output(tl.trans(acc), gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, E, E_P, HAS_BIAS,
-                  INTERPRET, BLOCK_M, BLOCK_N)
 
 
 def decode_config(M: int, N: int, K: int) -> dict:
@@ -738,37 +698,25 @@ def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, 
     return launches
 
 
-PREFILL_DESIGNS = ("fused", "cublas")
-
-
-def prefill_config(M: int, N: int, K: int, design: str | None = None) -> dict:
-    """The prefill design and its tile: the fused kernel's tile (the default), or {"PREFILL": "cublas",
-    "PREP_BLOCK_M": ..}. BINARYMOS_PREFILL=fused|cublas overrides the default design. Both designs take
-    PREP_BLOCK_M, the rows per program of _prep_kernel (PREP_BLOCK_M when the config has none)."""
-    design = design or os.environ.get("BINARYMOS_PREFILL") or "fused"
-    if design not in PREFILL_DESIGNS:
-        raise ValueError(f"prefill design {design!r}: expected one of {PREFILL_DESIGNS}")
-    if design == "cublas":
-        return {"PREFILL": "cublas", "PREP_BLOCK_M": PREP_BLOCK_M}
-    return {"BLOCK_M": 256 if M >= 1024 else 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 4 if M >= 1024 else 3}
+def prefill_config(M: int, N: int, K: int) -> dict:
+    """The prefill's one setting: PREP_BLOCK_M, the rows per program of _prep_kernel (1 and 4 measured
+    within noise on an H100; benchmarks/linear_latency.py --sweep times the others)."""
+    return {"PREP_BLOCK_M": PREP_BLOCK_M}
 
 
 def _unpacked_rows(N: int, K: int) -> int:
-    """Output rows per chunk of the cuBLAS prefill: equal chunks of at most about UNPACK_MAX_ELEMENTS
+    """Output rows per chunk of the prefill: equal chunks of at most about UNPACK_MAX_ELEMENTS
     signs, a multiple of 8 rows, so that each chunk's columns of y start 16-byte aligned when N is."""
     chunks = triton.cdiv(N * K, UNPACK_MAX_ELEMENTS)
     return min(N, 8 * triton.cdiv(triton.cdiv(N, chunks), 8))
 
 
 def _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, common, interpret):
-    """y (M, N) for M > 16 tokens, by the design that ``cfg`` names (see the module doc).
+    """y (M, N) for M > 16 tokens: prep, unpack + cuBLAS per chunk, scale (see the module doc).
     ``bias`` is the bias or an unread placeholder pointer."""
     M, K = x2.shape
     N, KB = packed_weight.shape
-    cfg = dict(cfg)
-    design = cfg.pop("PREFILL", "fused")
-    prep_block_m = cfg.pop("PREP_BLOCK_M", PREP_BLOCK_M)
+    prep_block_m = cfg["PREP_BLOCK_M"]
     xs = torch.empty((M, K), device=x2.device, dtype=x2.dtype)
     logits = torch.empty((1, M, common["E"]), device=x2.device, dtype=torch.float32)
     has_router = common["E"] > 1
@@ -776,18 +724,13 @@ def _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, commo
         x2, router if has_router else x2, scale_in, logits, xs, M, K, x2.stride(0), E=common["E"], E_P=common["E_P"],
         HAS_ROUTER=has_router, INTERPRET=interpret, BLOCK_M=prep_block_m,
         BLOCK_K=min(PREP_BLOCK_K, PREP_TILE // prep_block_m))
-    neg_one = NEG_ONE_BITS[x2.dtype]
-    if design == "fused":
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _prefill_kernel[grid](xs, packed_weight, logits, scale_out, bias, y, M, N, K, KB, int(has_router),
-                              y.stride(0), NEG_ONE=neg_one, INTERPRET=interpret, **common, **cfg)
-        return
     rows = _unpacked_rows(N, K)
     signs = torch.empty((rows, K), device=x2.device, dtype=x2.dtype)
     for n0 in range(0, N, rows):
         n = min(rows, N - n0)
         _unpack_kernel[(triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(K, UNPACK_BLOCK_K))](
-            packed_weight[n0:], signs, n, K, KB, NEG_ONE=neg_one, BLOCK_N=UNPACK_BLOCK_N, BLOCK_K=UNPACK_BLOCK_K)
+            packed_weight[n0:], signs, n, K, KB, NEG_ONE=NEG_ONE_BITS[x2.dtype], BLOCK_N=UNPACK_BLOCK_N,
+            BLOCK_K=UNPACK_BLOCK_K)
         torch.mm(xs, signs[:n].T, out=y[:, n0:n0 + n])  # a strided view of y, which cuBLAS writes directly
     _scale_output_kernel[(triton.cdiv(M, SCALE_BLOCK_M), triton.cdiv(N, SCALE_BLOCK_N))](
         y, logits, scale_out, bias, M, N, int(has_router), y.stride(0), INTERPRET=interpret, BLOCK_M=SCALE_BLOCK_M,
@@ -838,8 +781,8 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
             x2.stride(0), y.stride(0), steps, NEG_ONE=NEG_ONE_BITS[x.dtype], INTERPRET=interpret, SPLIT=split,
             BLOCK_M=block_m, **dict(common, E_P=common["E_P"] if M == 1 else max(16, common["E_P"])), **cfg)
     else:
-        _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, config or prefill_config(M, N, in_features),
-                 common, interpret)
+        cfg = config if config and "PREP_BLOCK_M" in config else prefill_config(M, N, in_features)
+        _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, common, interpret)
     return y.reshape(*x.shape[:-1], N)
 
 
