@@ -162,6 +162,12 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: in
                for i in range(0, len(s), chunk))
 
 
+def hidden_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, by_teacher: bool) -> torch.Tensor:
+    """One layer's hidden-state term: the float32 MSE, divided by the teacher's mean square when ``by_teacher``."""
+    mse = F.mse_loss(student_hidden.float(), teacher_hidden.float())
+    return mse / teacher_hidden.float().pow(2).mean() if by_teacher else mse
+
+
 def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term."""
     batch, seq = student_out.logits.shape[:2]
@@ -170,8 +176,7 @@ def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch
     if cfg.hidden_weight:
         pairs = list(zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]))
         for h_s, h_t in pairs:
-            mse = F.mse_loss(h_s.float(), h_t.float())
-            hidden = hidden + (mse / h_t.float().pow(2).mean() if cfg.hidden_norm == "teacher" else mse)
+            hidden = hidden + hidden_pair(h_s, h_t, cfg.hidden_norm == "teacher")
         if cfg.hidden_norm == "teacher":
             hidden = hidden / len(pairs)
     loss = cfg.kl_weight * kl + cfg.hidden_weight * hidden
