@@ -116,7 +116,7 @@ def test_time_budget_logs_its_last_step_whatever_log_every(teacher_dir, text_fil
 
 def test_time_budget_stops_on_time_follows_the_schedule_over_time_and_resumes_the_clock(teacher_dir, text_file,
                                                                                           tmp_path, monkeypatch):
-    budget = 3.0  # seconds
+    budget = 6.0  # seconds: long enough for > 6 steps, and the slack below for a step, when other work loads the CPU
     run = cfg(teacher_dir, text_file, tmp_path / "run", max_steps=None, max_minutes=budget / 60, warmup=0.1)
     sigterm_during_step(monkeypatch, 2)
     with pytest.raises(TrainingStopped):
@@ -130,7 +130,7 @@ def test_time_budget_stops_on_time_follows_the_schedule_over_time_and_resumes_th
     seconds = [r["train_seconds"] for r in log]
     assert seconds == sorted(seconds) and seconds[3] > kept["seconds"]  # the resumed run continues the clock
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert final["step"] == len(log) and budget <= final["seconds"] < budget + 1.0  # stopped at the first step
+    assert final["step"] == len(log) and budget <= final["seconds"] < budget + 3.0  # stopped at the first step
     assert seconds[-2] < budget  # boundary past the budget: the last step started before it
     # LR at each step: linear warm-up over the first 10 % of the time, then cosine to 0 at the budget, at the
     # clock of the step's start: between the previous step's end time and its own (both in the log)
