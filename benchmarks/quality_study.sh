@@ -25,6 +25,7 @@
 # session gemma (one GPU): the second architecture ($G, Gemma-3-270M), E=4 then E=1 for SHORT_MINUTES
 # (10) each at batch 8 (SHARE_GPU=1: both at once), its full-precision teacher evaluated meanwhile. EVAL_WINDOWS
 # limits every evaluation to its first windows per set; GEMMA_TRAIN_ARGS are added to both runs' options.
+# Gemma GGUFs need transformers >= 5.23 (the device image has 5.17): benchmarks/device_site.sh installs it.
 # session bf16 (one GPU): E=4 at batch 8 for BF16_MINUTES (6) each, one after the other: as by default,
 # with --bf16-compute, and with --bf16-compute --compile.
 set -uo pipefail
