@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from binarymos.kernels import binary_mos_linear_reference
-from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config, prefill_config
+from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config
 from binarymos.nn import BinaryMoSLinear
 
 PAPER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120)]  # (in, out)
@@ -198,7 +198,7 @@ def sweep(shapes, ms, device) -> list[tuple]:
             ref = reference64(x, layer)
             # one token: the sign-flip GEMV's tiles, each with and without PDL, against the mma kernel's default
             gemv = [dict(c, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)] + [decode_config(1, out_f, in_f)]
-            prefill = [dict(prefill_config(m, out_f, in_f), PREP_BLOCK_M=b) for b in PREP_BLOCK_M_SWEEP]
+            prefill = [{"PREP_BLOCK_M": b} for b in PREP_BLOCK_M_SWEEP]
             for cfg in gemv if m == 1 else DECODE_SWEEP if m <= 16 else prefill:
                 try:
                     us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)

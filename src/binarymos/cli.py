@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the student and the teacher (for long runs: compilation takes minutes)")
     p.add_argument("--bf16-compute", action="store_true",
                    help="one process: frozen student parameters in bf16, so activations are bf16 as under FSDP2 "
-                        "(~30 %% less activation memory; not yet measured for quality)")
+                        "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one measured pair)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")

@@ -106,8 +106,9 @@ class TrainConfig:
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
     compile: bool = False           # torch.compile the student and the teacher
     # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
-    # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); measured +12 % tokens/s and
-    # -32 % memory (SmolLM2, batch 8, H200), not yet perplexity at a budget, hence opt-in
+    # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); measured +10-12 % tokens/s,
+    # -32 % memory and perplexity within run-to-run noise (SmolLM2, batch 8, one 5-minute pair on an H100), opt-in
+    # until a second pair confirms it
     bf16_compute: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)

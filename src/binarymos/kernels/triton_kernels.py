@@ -698,7 +698,7 @@ def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, 
     return launches
 
 
-def prefill_config(M: int, N: int, K: int) -> dict:
+def prefill_config() -> dict:
     """The prefill's one setting: PREP_BLOCK_M, the rows per program of _prep_kernel (1 and 4 measured
     within noise on an H100; benchmarks/linear_latency.py --sweep times the others)."""
     return {"PREP_BLOCK_M": PREP_BLOCK_M}
@@ -781,7 +781,7 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
             x2.stride(0), y.stride(0), steps, NEG_ONE=NEG_ONE_BITS[x.dtype], INTERPRET=interpret, SPLIT=split,
             BLOCK_M=block_m, **dict(common, E_P=common["E_P"] if M == 1 else max(16, common["E_P"])), **cfg)
     else:
-        cfg = config if config and "PREP_BLOCK_M" in config else prefill_config(M, N, in_features)
+        cfg = config if config and "PREP_BLOCK_M" in config else prefill_config()
         _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, common, interpret)
     return y.reshape(*x.shape[:-1], N)
 
