@@ -5,6 +5,7 @@
 #   bash benchmarks/quality_study.sh session gemma  # 1-2 GPUs, ~24 / 12 minutes: the second architecture
 #   bash benchmarks/quality_study.sh session x2     # 2 GPUs, ~8 minutes: issue 6's planner check and noise floor
 #   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~22 minutes: --bf16-compute (and --compile) against the default
+#   bash benchmarks/quality_study.sh session throughput  # 1 GPU, ~12 minutes: sampling caches, compiled training parts
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -154,6 +155,19 @@ lanes-bf16)  # what `session bf16` runs detached, on one GPU
     timed_run 0 e4-bf16-compile-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute --compile
     touch "$W/done"
     ;;
+lanes-throughput)  # what `session throughput` runs detached, on one GPU: sampling with each KV cache, then training
+    # tokens/s with each part compiled (E=4), and the eager and teacher+loss variants at E=1
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    B=$(dirname "$0")
+    python "$B/sampling_speed.py" --model "$M" --caches dynamic,graph --seq-len 512 --out "$W/sampling-512.md" \
+        > "$W/sampling-512.log" 2>&1
+    python "$B/sampling_speed.py" --model "$M" --caches graph --seq-len 2048 --out "$W/sampling-2048.md" \
+        > "$W/sampling-2048.log" 2>&1
+    python "$B/train_throughput.py" --model "$M" --experts 4 --out "$W/throughput-e4.md" > "$W/throughput-e4.log" 2>&1
+    python "$B/train_throughput.py" --model "$M" --experts 1 --variants eager,teacher+loss \
+        --out "$W/throughput-e1.md" > "$W/throughput-e1.log" 2>&1
+    touch "$W/done"
+    ;;
 poll)
     SECONDS_MAX=${2:-560}
     for ((i = 0; i < SECONDS_MAX / 20; i++)); do
@@ -167,6 +181,7 @@ poll)
     done
     for e in "$W"/*/eval.json; do [ -f "$e" ] && echo "$(basename "$(dirname "$e")"): $(cat "$e")"; done
     for e in "$W"/*.json; do [ -f "$e" ] && echo "$(basename "$e"): $(cat "$e")"; done
+    for e in "$W"/*.md; do [ -f "$e" ] && echo "$(basename "$e"):" && cat "$e"; done
     for log in "$W"/*.log; do  # the last line of each, progress bars' carriage returns taken as line ends
         [ -f "$log" ] && echo "$(basename "$log"): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -n 1)"
     done

@@ -30,19 +30,28 @@ def plain_sampling(model, count, seq_len, temperature, seed, bos=None):
     return torch.tensor(rows)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_batched_sampling_with_a_cache_equals_a_plain_loop(temperature):
+def test_batched_sampling_with_a_cache_equals_a_plain_loop(temperature, cache):
     model = tiny_lm("llama")
-    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2)
+    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2,
+                       cache=cache)
     assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7))
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_gemma_teachers_sequences_start_with_its_bos(temperature):
+def test_a_gemma_teachers_sequences_start_with_its_bos(temperature, cache):
     model = tiny_lm("gemma3_text")
-    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2)
+    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=temperature, seed=7, batch_size=2,
+                       cache=cache)
     assert ids[:, 0].tolist() == [BOS] * 5 and (ids[:, 1] >= len(SPECIALS)).all()
     assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7, bos=BOS))
+
+
+def test_an_unknown_cache_is_refused():
+    with pytest.raises(ValueError, match="dynamic, static or graph"):
+        synth.sample(tiny_lm("llama"), tiny_tokenizer(), count=2, seq_len=4, cache="paged")
 
 
 def test_sequences_cached_without_a_bos_are_not_read_back_for_a_model_that_needs_one(teacher_dir, tmp_path,

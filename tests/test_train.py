@@ -38,6 +38,8 @@ def test_loss_matches_formula():
     loss, parts = distillation_loss(student, teacher, ours)
     normed = sum(m / (b.double() ** 2).mean() for m, b in zip(layers, ht[1:])) / len(layers)
     assert math.isclose(loss.item(), kl_tokens.mean().item() + 0.5 * normed.item(), rel_tol=1e-5)
+    assert math.isclose(parts["kl"].item(), kl_tokens.mean().item(), rel_tol=1e-5)
+    assert math.isclose(parts["hidden"].item(), normed.item(), rel_tol=1e-5) and not parts["kl"].requires_grad
     paper = TrainConfig(recipe="paper")  # KL batchmean, lambda 10 on the unnormalised sum of MSEs
     loss, _ = distillation_loss(student, teacher, paper)
     assert math.isclose(loss.item(), kl_tokens.sum().item() / 2 + 10 * sum(layers).item(), rel_tol=1e-5)

@@ -52,13 +52,75 @@ def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def _dynamic_cache_steps(model, first_ids: torch.Tensor, seq_len: int):
+    """Yields the last-position logits of each step of a plain KV-cached decoding; ``send`` it the next ids."""
+    ids, cache = first_ids, None
+    for _ in range(first_ids.shape[1], seq_len):
+        result = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache = result.past_key_values
+        ids = yield result.logits[:, -1].float()
+
+
+def _static_cache_steps(model, first_ids: torch.Tensor, seq_len: int, graph: bool):
+    """As _dynamic_cache_steps, with a preallocated (static) KV cache, so that every step after the first has one
+    shape and one set of buffers; with ``graph`` (CUDA) those steps replay one captured CUDA graph.
+
+    A decoding step of a small model is launch-bound (~1000 kernels of a few microseconds each at batch 64; 38.5 ms
+    per step for SmolLM2-135M on an H100, docs/RESULTS.md), which a graph replay removes. The 2-D attention mask
+    marks the filled positions of the cache, so transformers masks the cache's empty tail.
+    """
+    from transformers import StaticCache
+
+    batch, start = first_ids.shape
+    device = first_ids.device
+    cache = StaticCache(config=model.config, max_cache_len=seq_len)
+    positions = torch.arange(seq_len, device=device)
+    ids, pos = torch.empty(batch, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+
+    def step():
+        mask.copy_((positions <= pos).expand(batch, -1))
+        return model(input_ids=ids, attention_mask=mask, cache_position=pos, past_key_values=cache,
+                     use_cache=True).logits[:, -1].float()
+
+    mask[:, :start] = 1
+    ids.copy_((yield model(input_ids=first_ids, attention_mask=mask, cache_position=positions[:start],
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()))
+    if graph:  # warm-up on a side stream (as torch.cuda.graphs asks), then capture; both rewrite slots yet to come
+        pos.fill_(start)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            logits = step()
+    for t in range(start, seq_len - 1):
+        pos.fill_(t)
+        if graph:
+            captured.replay()
+        else:
+            logits = step()
+        ids.copy_((yield logits))
+
+
 @torch.no_grad()
 def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0, seed: int = 0,
-           batch_size: int = 64) -> torch.Tensor:
-    """(count, seq_len) token ids written by ``model``, batch by batch on its device, with a KV cache."""
+           batch_size: int = 64, cache: str | None = None) -> torch.Tensor:
+    """(count, seq_len) token ids written by ``model``, batch by batch on its device, with a KV cache.
+
+    ``cache``: "dynamic" (transformers' default cache), "static", or "graph" (static, each step a CUDA graph
+    replay); None: "graph" on a GPU, "dynamic" elsewhere. The last batch is padded to ``batch_size`` (so
+    that one graph serves every batch) and the padding dropped.
+    """
     if count < 1 or seq_len < 2 or temperature < 0 or batch_size < 1:
         raise ValueError("teacher text needs count >= 1, seq_len >= 2, temperature >= 0 and batch size >= 1")
     device = next(model.parameters()).device
+    cache = cache or ("graph" if device.type == "cuda" else "dynamic")
+    if cache not in ("dynamic", "static", "graph"):
+        raise ValueError(f"cache must be dynamic, static or graph, got {cache!r}")
     uniforms = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     starts = first_token_ids(tokenizer, model.config.get_text_config().vocab_size)
     bos = leading_bos(model.config, tokenizer)
@@ -69,20 +131,27 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     # half the host time of a decoding step (torch 2.11, H100; docs/RESULTS.md)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for lo in range(0, count, batch_size):
-            u = uniforms[lo:lo + batch_size].to(device)
+            u = uniforms[lo:lo + batch_size]
+            n = len(u)
+            if cache != "dynamic":
+                u = torch.cat([u, u[-1:].expand(batch_size - n, -1)])
+            u = u.to(device)
             ids = starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1)
             if bos is not None:
                 ids = torch.cat([torch.full_like(ids, bos), ids], 1)
-            seqs, cache = [ids], None
+            seqs = [ids]
+            steps = (_dynamic_cache_steps(model, ids, seq_len) if cache == "dynamic"
+                     else _static_cache_steps(model, ids, seq_len, graph=cache == "graph"))
+            logits = next(steps)
             for t in range(ids.shape[1], seq_len):
-                result = model(input_ids=ids, past_key_values=cache, use_cache=True)
-                cache, logits = result.past_key_values, result.logits[:, -1].float()
                 if temperature == 0:
                     ids = logits.argmax(-1, keepdim=True)
                 else:
                     ids = pick(torch.softmax(logits / temperature, -1), u[:, t]).unsqueeze(1)
                 seqs.append(ids)
-            out[lo:lo + batch_size] = torch.cat(seqs, 1).cpu()
+                if t < seq_len - 1:
+                    logits = steps.send(ids)
+            out[lo:lo + n] = torch.cat(seqs, 1)[:n].cpu()
     model.train(was_training)
     return out
 

@@ -170,7 +170,8 @@ def hidden_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, by_t
 
 
 def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term."""
+    """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term: (loss, {"kl", "hidden"}),
+    the parts as detached 0-d tensors (reading them is a wait for the GPU, which the loop does once a step)."""
     batch, seq = student_out.logits.shape[:2]
     kl = kl_sum(student_out.logits, teacher_out.logits) / (batch * seq if cfg.kl_reduction == "token" else batch)
     hidden = torch.zeros((), device=kl.device)
@@ -181,7 +182,7 @@ def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch
         if cfg.hidden_norm == "teacher":
             hidden = hidden / len(pairs)
     loss = cfg.kl_weight * kl + cfg.hidden_weight * hidden
-    return loss, {"kl": kl.item(), "hidden": hidden.item()}
+    return loss, {"kl": kl.detach(), "hidden": hidden.detach()}
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -425,7 +426,7 @@ def train(cfg: TrainConfig):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
-            terms = {"loss": 0.0, "kl": 0.0, "hidden": 0.0}
+            parts_sum = torch.zeros(3, device=device)  # loss, kl, hidden: summed on the GPU, read once a step
             for micro in range(cfg.grad_accum):
                 ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                 with torch.no_grad(), autocast:
@@ -435,16 +436,19 @@ def train(cfg: TrainConfig):
                     with autocast:
                         s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
                     loss, parts = distillation_loss(s_out, t_out, cfg)
-                    values = env.mean({"loss": loss.item(), **parts})  # every rank stops together on a NaN
-                    if not math.isfinite(values["loss"]):
-                        raise _diverged(f"loss is {values['loss']}", step, out)
                     (loss / cfg.grad_accum).backward()
+                parts_sum += torch.stack([loss.detach(), parts["kl"], parts["hidden"]]) / cfg.grad_accum
                 del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
-                for key in values:
-                    terms[key] += values[key] / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise _diverged(f"gradient norm is {grad_norm.item()}", step, out)
+            # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
+            # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
+            # every rank stops together
+            loss_, kl_, hidden_, norm_ = torch.cat([parts_sum, grad_norm.reshape(1).float()]).tolist()
+            terms = env.mean({"loss": loss_, "kl": kl_, "hidden": hidden_})
+            if not math.isfinite(terms["loss"]):
+                raise _diverged(f"loss is {terms['loss']}", step, out)
+            if not math.isfinite(norm_):
+                raise _diverged(f"gradient norm is {norm_}", step, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -1,0 +1,101 @@
+"""Tokens/s of short training runs, one variant of what is compiled at a time (a GPU probe, issue 5).
+
+    python benchmarks/train_throughput.py --model /tmp/smollm2.gguf --out $OUT/train_throughput.md
+    python benchmarks/train_throughput.py --variants eager,teacher --experts 4,1
+
+A whole-model ``--compile`` ran 1.87x the tokens/s of eager bf16 training after 5 minutes of compiling,
+while compiling each decoder block gained 10 % (docs/RESULTS.md). This probe times the pieces outside the
+student's blocks on their own:
+
+- ``eager``: nothing compiled;
+- ``loss``: the chunked vocabulary KL (train._kl_sum) and the per-layer hidden-state term (train.hidden_pair);
+- ``teacher``: the frozen teacher's forward (no backward, one static shape);
+- ``teacher+loss``: both;
+- ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead").
+
+Each runs --steps steps (bf16 compute, batch 8 x 2048, c4_wiki) and reports tokens/s after step --skip and
+the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from binarymos import train as train_mod
+from binarymos.train import TrainConfig, train
+
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs")
+
+
+def _patch(variant: str) -> dict:
+    """Monkeypatch train's loss pieces and prepare() for ``variant``; returns what to restore."""
+    saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
+    if "loss" in variant:
+        train_mod._kl_sum, train_mod.hidden_pair = torch.compile(saved["_kl_sum"]), torch.compile(saved["hidden_pair"])
+    if "teacher" in variant:
+        mode = "reduce-overhead" if variant == "teacher-graphs" else None
+
+        def prepare(cfg, env=None):
+            teacher, student, tokenizer, blocks = saved["prepare"](cfg, env)
+            teacher.compile(mode=mode)
+            return teacher, student, tokenizer, blocks
+
+        train_mod.prepare = prepare
+    return saved
+
+
+def run(model: str, steps: int, skip: int, variant: str, experts: int) -> dict:
+    saved = _patch(variant)
+    torch._dynamo.reset()
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=8,
+                              grad_checkpointing=False, bf16_compute=True, max_steps=steps, log_every=1,
+                              save_every=10**6))
+            wall = time.perf_counter() - started
+            log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    finally:
+        for name, value in saved.items():
+            setattr(train_mod, name, value)
+    a, b = log[skip - 1], log[-1]
+    return {"variant": variant, "experts": experts, "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
+            "seconds_to_step_10": log[9]["train_seconds"], "final_kl": b["kl"], "wall_s": wall,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--experts", default="4", help="comma-separated; every variant runs at each")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--skip", type=int, default=20, help="steps left out of the tokens/s (compilation, warm-up)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    lines = [f"{device}, batch 8 x 2048, --bf16-compute, {args.steps} steps, "
+             f"tokens/s after step {args.skip}", "",
+             "| variant | E | tokens/s | seconds to step 10 | run wall s | peak GB | final KL |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for experts in (int(e) for e in args.experts.split(",")):
+        for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            r = run(args.model, args.steps, args.skip, variant, experts)
+            lines.append(f"| {variant} | {experts} | {r['tokens_per_s']:,.0f} | {r['seconds_to_step_10']:.1f} | "
+                         f"{r['wall_s']:.0f} | {r['peak_gb']:.1f} | {r['final_kl']:.3f} |")
+            print(lines[-1], flush=True)
+            if args.out:
+                Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
