@@ -11,7 +11,9 @@ read HBM as decoding a whole model does.
     PYTHONPATH=src python benchmarks/linear_latency.py --sweep   # time tile configs, print the best
 
 --sweep times, per shape and M, the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16) and the
-prefill's PREP_BLOCK_M (M > 16).
+prefill's PREP_BLOCK_M (M > 16). At M = 1 each GEMV tile runs with the router inline (ROUTER_INLINE=1:
+one launch) and as a launch of its own (ROUTER_INLINE=0, with and without PDL), the default tile also
+with other inline router steps (ROUTER_BLOCK_K); the summary gives the best of each way.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from binarymos.kernels import binary_mos_linear_reference
-from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config
+from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config, gemv_config
 from binarymos.nn import BinaryMoSLinear
 
 PAPER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120)]  # (in, out)
@@ -185,6 +187,26 @@ DECODE_SWEEP = [dict(BLOCK_N=n, BLOCK_G=g, num_warps=w, num_stages=s) for n, g, 
                 [(32, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
                  (256, 32, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]]
 PREP_BLOCK_M_SWEEP = [1, 4, 8, 16]  # rows per program of the prefill's prep kernel
+ROUTER_BLOCK_K_SWEEP = [1024, 4096]  # inline router steps tried on the default GEMV tile besides its own
+
+
+def gemv_sweep(in_f: int, out_f: int) -> list[dict]:
+    """The M = 1 configs: every GEMV tile with the router inline and as its own launch (PDL off, on), the
+    default tile with other inline router steps, and the mma decode kernel's default."""
+    default = gemv_config(out_f, in_f, torch.float16)
+    return ([dict(c, ROUTER_INLINE=1) for c in GEMV_SWEEP]
+            + [dict(c, ROUTER_INLINE=0, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)]
+            + [dict(default, ROUTER_INLINE=1, ROUTER_BLOCK_K=b) for b in ROUTER_BLOCK_K_SWEEP]
+            + [decode_config(1, out_f, in_f)])
+
+
+def variant(cfg: dict) -> str:
+    """How an M = 1 config gets its gates: the summary's best per variant compares them."""
+    if "BLOCK_G" in cfg:
+        return "mma decode kernel"
+    if cfg.get("ROUTER_INLINE"):
+        return "router inline (1 launch)"
+    return "router launch + PDL" if cfg.get("PDL") else "router launch, no PDL"
 
 
 def sweep(shapes, ms, device) -> list[tuple]:
@@ -196,10 +218,8 @@ def sweep(shapes, ms, device) -> list[tuple]:
             layer = random_layer(in_f, out_f, 4, torch.float16, device)
             x = torch.randn(m, in_f, device=device).half()
             ref = reference64(x, layer)
-            # one token: the sign-flip GEMV's tiles, each with and without PDL, against the mma kernel's default
-            gemv = [dict(c, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)] + [decode_config(1, out_f, in_f)]
             prefill = [{"PREP_BLOCK_M": b} for b in PREP_BLOCK_M_SWEEP]
-            for cfg in gemv if m == 1 else DECODE_SWEEP if m <= 16 else prefill:
+            for cfg in gemv_sweep(in_f, out_f) if m == 1 else DECODE_SWEEP if m <= 16 else prefill:
                 try:
                     us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
                     err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()
@@ -255,8 +275,13 @@ def main(argv=None) -> int:
     if args.sweep:
         rows = sweep(shapes, ms, device)
         for key in sorted({(s, m) for s, m, _, _ in rows}):
-            best = min((r for r in rows if (r[0], r[1]) == key), key=lambda r: r[-1])
+            sel = [r for r in rows if (r[0], r[1]) == key]
+            best = min(sel, key=lambda r: r[-1])
             print(f"best {key[0]} M={key[1]}: {best[3]:.1f} us {best[2]}")
+            if key[1] == 1:  # the router inline against its own launch, each at its best tile
+                for name in sorted({variant(r[2]) for r in sel}):
+                    b = min((r for r in sel if variant(r[2]) == name), key=lambda r: r[-1])
+                    print(f"    {name:<26} {b[3]:.1f} us {b[2]}")
         return 0
     check_rows = [] if args.no_check else (check(shapes, CHECKED_M, [torch.float16], device)
                                            + check(shapes, [1, 16, 2048], [torch.bfloat16], device))

@@ -1,8 +1,9 @@
 """Offline SASS report of the one-token (M == 1) sign-flip kernel: no GPU needed.
 
-Compiles ``_gemv_kernel`` (and the router launch before it) for sm_90 exactly as the JIT would
-for the given shape and tile (the same launch arguments, through ``gemv_launches``, and the same
-specialisation: pointers and sizes divisible by 16 marked so, ints equal to 1 made constants),
+Compiles ``_gemv_kernel`` (and the router launch before it, if the config has one: ROUTER_INLINE=0)
+for sm_90 exactly as the JIT would for the given shape and tile (the same launch arguments, through
+``gemv_launches``, and the same specialisation: pointers and sizes divisible by 16 marked so, ints
+equal to 1 made constants),
 disassembles the cubin with Triton's bundled ``cuobjdump`` and prints per kernel:
 
 * registers, spill traffic (local-memory bytes and LDL/STL count), shared memory;
@@ -128,11 +129,12 @@ def report(in_f, out_f, cfg, dtype=torch.float16, experts=4, dump=None) -> dict:
     launches = tk.gemv_launches(t["x2"], t["packed_weight"], t["router"], t["scale_in"], t["scale_out"], t["bias"],
                                 t["y"], cfg, False)
     kernel, grid, args, kwargs = launches[-1]
-    steps, threads = args[13], 32 * kwargs.get("num_warps", 4)
+    i_steps = kernel.arg_names.index("STEPS")
+    steps, threads = args[i_steps], 32 * kwargs.get("num_warps", 4)
     signs_iter = kwargs["BLOCK_N"] * kwargs["BLOCK_W"] * 32 / threads
     real = compile_launch(kernel, args, kwargs)
     instrs, res = sass_of(real.asm["cubin"])
-    looped = compile_launch(kernel, args[:13] + (max(2, steps) if steps == 1 else steps,), kwargs)
+    looped = compile_launch(kernel, args[:i_steps] + (max(2, steps),) + args[i_steps + 1:], kwargs)
     linstrs, _ = sass_of(looped.asm["cubin"])
     loop = main_loop(linstrs)
     row = dict(shape=f"{in_f}->{out_f}", dtype=str(dtype).removeprefix("torch."), experts=experts,

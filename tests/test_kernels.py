@@ -194,6 +194,63 @@ def test_m1_gemv_matches_float64(kernels, gemv_calls, dtype, in_f, out_f, expert
     assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("router_inline", [1, 0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("in_f, out_f, experts, bias, router_block_k", [
+    (256, 72, 4, True, None),    # 32 bytes a row, K a fraction of the default router step
+    (512, 40, 2, False, 128),    # 64 bytes a row, 4 whole router steps
+    (224, 48, 4, False, 64),     # 28 bytes a row: the last router step half full
+    (250, 40, 2, True, 64),      # 32 bytes a row, the last 6 inputs padding: the last step partial
+    (2304, 36, 4, True, None),   # 288 bytes a row: two default steps, the second 256 of 2048 inputs
+    (2304, 36, 2, False, None),
+])
+def test_m1_gemv_router_inline_and_launch_match_float64(kernels, gemv_calls, dtype, in_f, out_f, experts, bias,
+                                                        router_block_k, router_inline):
+    """The one-token GEMV computing the logits itself (ROUTER_INLINE=1, one launch) and after the router
+    launch (ROUTER_INLINE=0): both match float64, with fp32 logits over all K in router steps of any fill."""
+    cfg = {"BLOCK_N": 32, "BLOCK_W": 8, "num_warps": 4, "ROUTER_INLINE": router_inline}
+    if router_block_k:
+        cfg["ROUTER_BLOCK_K"] = router_block_k
+    y, ref = run_m1(kernels, in_f, out_f, experts, bias, dtype, config=cfg, seed=in_f + experts)
+    assert gemv_calls == [cfg]
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("experts", [4, 2, 1])
+@pytest.mark.parametrize("router_inline", [0, 1])
+def test_m1_gemv_inline_router_is_one_launch(kernels, experts, router_inline):
+    """ROUTER_INLINE=1: the GEMV alone, no router launch and no logits buffer; =0: the router's partials
+    first (E > 1). One expert has no router either way."""
+    in_f, out_f = 256, 64
+    layer = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, experts, bias=False), dtype=torch.float16)
+    y = torch.empty(1, out_f, dtype=torch.float16)
+    cfg = {"BLOCK_N": 32, "BLOCK_W": 8, "num_warps": 4, "ROUTER_INLINE": router_inline, "PDL": 1}
+    launches = kernels.gemv_launches(torch.zeros(1, in_f, dtype=torch.float16), layer.packed_weight,
+                                     layer.router if experts > 1 else None, layer.scale_in, layer.scale_out, None,
+                                     y, cfg, True)
+    two = experts > 1 and not router_inline
+    assert [k for k, *_ in launches] == ([kernels._router_kernel] if two else []) + [kernels._gemv_kernel]
+    kernel, grid, args, kwargs = launches[-1]
+    assert kwargs["ROUTER_INLINE"] == (experts > 1 and bool(router_inline))
+    assert (args[3] is y) == (not two)  # logits_ptr: an unread placeholder without a router launch
+    assert not kwargs["PDL"] and "launch_pdl" not in kwargs  # the interpreter; on sm_90 only behind the router
+
+
+def test_m1_gemv_config_default_and_env_override(kernels, gemv_calls, monkeypatch):
+    """gemv_config computes the router inline up to GEMV_INLINE_ROUTER_MAX_K inputs, launches it beyond;
+    BINARYMOS_GEMV_CONFIG (k=v ints) replaces it."""
+    monkeypatch.delenv("BINARYMOS_GEMV_CONFIG", raising=False)
+    assert kernels.gemv_config(4096, 4096, torch.float16)["ROUTER_INLINE"] == 1
+    assert kernels.gemv_config(4096, kernels.GEMV_INLINE_ROUTER_MAX_K + 32, torch.float16)["ROUTER_INLINE"] == 0
+    for env, inline in (("BLOCK_N=32,BLOCK_W=8,num_warps=4,ROUTER_INLINE=1,ROUTER_BLOCK_K=64", 1),
+                        ("BLOCK_N=32,BLOCK_W=8,num_warps=4,ROUTER_INLINE=0,PDL=1", 0)):
+        monkeypatch.setenv("BINARYMOS_GEMV_CONFIG", env)
+        y, ref = run_m1(kernels, 256, 40, 4, True, torch.float16)
+        assert gemv_calls[-1]["ROUTER_INLINE"] == inline
+        assert rel_err(y, ref) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_m1_unaligned_rows_fall_back(kernels, gemv_calls, dtype):
     """ceil(in / 8) % 4 != 0: the rows are not whole int32 words; the tensor-core decode path runs."""
@@ -202,10 +259,12 @@ def test_m1_unaligned_rows_fall_back(kernels, gemv_calls, dtype):
     assert rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("router_inline", [0, 1])
 @pytest.mark.parametrize("split, block_w", [(2, 8), (3, 8), (5, 4)])  # 2 steps a share; shares past K; 2 steps
-def test_m1_gemv_split_k_and_steps(kernels, gemv_calls, split, block_w):
+def test_m1_gemv_split_k_and_steps(kernels, gemv_calls, split, block_w, router_inline):
     """K shared by SPLIT programs of several steps each; the arrival counts are back at 0 after each call."""
-    cfg = {"BLOCK_N": 32, "BLOCK_W": block_w, "num_warps": 4, "SPLIT": split}
+    cfg = {"BLOCK_N": 32, "BLOCK_W": block_w, "num_warps": 4, "SPLIT": split, "ROUTER_INLINE": router_inline,
+           "ROUTER_BLOCK_K": 256}
     for _ in range(2):
         y, ref = run_m1(kernels, 1024, 70, 4, True, torch.float16, config=cfg)
         assert rel_err(y, ref) < TOL[torch.float16]
@@ -213,10 +272,13 @@ def test_m1_gemv_split_k_and_steps(kernels, gemv_calls, split, block_w):
     assert len(gemv_calls) == 2
 
 
+@pytest.mark.parametrize("router_inline", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_m1_gemv_precision_long_rows(kernels, gemv_calls, dtype):
-    """16-term 16-bit partial sums stay within the float64 tolerance at the paper's longest rows."""
-    y, ref = run_m1(kernels, 13824, 32, 4, False, dtype)
+def test_m1_gemv_precision_long_rows(kernels, gemv_calls, dtype, router_inline):
+    """16-term 16-bit partial sums stay within the float64 tolerance at the paper's longest rows (and the
+    inline router's 7 steps, the last 1536 of 2048 inputs)."""
+    cfg = dict(kernels.gemv_config(32, 13824, dtype), ROUTER_INLINE=router_inline)
+    y, ref = run_m1(kernels, 13824, 32, 4, False, dtype, config=cfg)
     assert len(gemv_calls) == 1
     assert rel_err(y, ref) < TOL[dtype]
 

@@ -253,3 +253,8 @@ def test_compile_compiles_student_and_teacher_and_trains_the_same_weights(teache
     # traced kernels round differently, and Adam's first steps magnify that on near-zero router gradients
     # (up to 3e-4 seen): 1e-3 is a tenth of one step at lr_scale 1e-2, far below what a wrong gradient moves
     assert all(torch.allclose(plain[n], weights[n], atol=1e-3) for n in plain)
+    compiled.clear()
+    student = train(cfg(teacher_dir, text_file, tmp_path / "teacher", max_steps=1, compile="teacher"))
+    assert len(compiled) == 1 and student._compiled_call_impl is None  # the teacher alone
+    with pytest.raises(ValueError, match="compile must be one of none, teacher, all"):
+        TrainConfig(compile="student")

@@ -78,31 +78,35 @@ def _static_cache_steps(model, first_ids: torch.Tensor, seq_len: int, graph: boo
     ids, pos = torch.empty(batch, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
     mask = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
 
-    def step():
+    def step(kv_cache):
         mask.copy_((positions <= pos).expand(batch, -1))
-        return model(input_ids=ids, attention_mask=mask, cache_position=pos, past_key_values=cache,
+        return model(input_ids=ids, attention_mask=mask, cache_position=pos, past_key_values=kv_cache,
                      use_cache=True).logits[:, -1].float()
 
     mask[:, :start] = 1
     ids.copy_((yield model(input_ids=first_ids, attention_mask=mask, cache_position=positions[:start],
                            past_key_values=cache, use_cache=True).logits[:, -1].float()))
-    if graph:  # warm-up on a side stream (as torch.cuda.graphs asks), then capture; both rewrite slots yet to come
+    if graph:  # warm-up on a side stream, as torch.cuda.graph asks, then capture (which runs nothing)
+        # The cache writes each step at its own counter, advanced by every forward (transformers' StaticLayer), not
+        # at cache_position: the warm-up's forwards go to a scratch cache, so the text's counter stays at `start`.
         pos.fill_(start)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
+            scratch = StaticCache(config=model.config, max_cache_len=seq_len)
             for _ in range(2):
-                step()
+                step(scratch)
         torch.cuda.current_stream().wait_stream(stream)
+        del scratch
         captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured):
-            logits = step()
+            logits = step(cache)
     for t in range(start, seq_len - 1):
         pos.fill_(t)
         if graph:
             captured.replay()
         else:
-            logits = step()
+            logits = step(cache)
         ids.copy_((yield logits))
 
 

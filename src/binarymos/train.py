@@ -63,6 +63,9 @@ class TrainingStopped(RuntimeError):
     exit_code = 128 + signal.SIGTERM
 
 
+COMPILE_SCOPES = ("none", "teacher", "all")
+
+
 @dataclass
 class TrainConfig:
     model: str = DEFAULT_MODEL
@@ -104,7 +107,9 @@ class TrainConfig:
     train_norms: bool = False       # also train the norms' weights, at lr_scale
     router_init_std: float = 0.02
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
-    compile: bool = False           # torch.compile the student and the teacher
+    # "teacher": torch.compile the frozen teacher's forward (one process on a GPU: with CUDA graphs), ~30 s to compile,
+    # +13 % tokens/s at E=4 (SmolLM2, one H100, docs/RESULTS.md); "all": the student too (minutes to compile)
+    compile: str = "none"
     # one process: the student's frozen parameters (embeddings, norms, head) in bf16, so that its activations
     # are bf16 as under FSDP2 (autocast narrows only the matmuls of float32 masters); measured +10-12 % tokens/s,
     # -32 % memory and perplexity within run-to-run noise (SmolLM2, batch 8, one 5-minute pair on an H100), opt-in
@@ -136,6 +141,10 @@ class TrainConfig:
             raise ValueError("max_minutes must be > 0")
         if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
             raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
+        if isinstance(self.compile, bool):  # configs written before compile took a scope
+            self.compile = "all" if self.compile else "none"
+        if self.compile not in COMPILE_SCOPES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile!r}")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
@@ -322,8 +331,11 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
-    if cfg.compile:  # in place, so parameter names (checkpoints, save_pretrained) stay as they are; the whole
-        teacher.compile()  # model, not each block: blocks alone measured no faster (docs/RESULTS.md)
+    if cfg.compile != "none":  # in place, so parameter names (checkpoints, save_pretrained) stay as they are
+        # the teacher runs one static shape without autograd: CUDA graphs take its ~1,000 launches a step off the host
+        graphs = device.type == "cuda" and not env.distributed
+        teacher.compile(mode="reduce-overhead" if graphs else None)
+    if cfg.compile == "all":  # the whole model, not each block: blocks alone measured no faster (docs/RESULTS.md)
         student.compile()
     return teacher, student, tokenizer, blocks
 
@@ -443,6 +455,8 @@ def train(cfg: TrainConfig):
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             loss_, kl_, hidden_, norm_ = torch.cat([parts_sum, grad_norm.reshape(1).float()]).tolist()
             terms = env.mean({"loss": loss_, "kl": kl_, "hidden": hidden_})
             if not math.isfinite(terms["loss"]):

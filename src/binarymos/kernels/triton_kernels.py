@@ -17,7 +17,7 @@ decode (M <= 16 tokens)
        block to finish sums the K shares and applies s_out = G @ scale_out and the bias.
 
 one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise decode above)
-    1. ``_router_kernel`` as above with 2048-input chunks (E > 1 only).
+    1. ``_router_kernel`` as above with 2048-input chunks (E > 1 and config ROUTER_INLINE=0 only).
     2. ``_gemv_kernel``: a sign-flip GEMV on the CUDA cores, no tensor cores. A packed row is read
        as int32 words, word c holding inputs 32c..32c+31; the scaled activations of a word are
        paired as 16 half2 registers (inputs 32c + i and 32c + i + 16), and per pair one shift puts
@@ -26,7 +26,10 @@ one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise d
        instructions per 32 signs. Each program computes the activations of its K range once,
        reads the gates as scalars (no cross-thread reductions), and splits K as decode does.
        Optionally (config PDL=1, sm_90) launched as a programmatic dependent of the router, so that
-       its weight loads start before the router has finished.
+       its weight loads start before the router has finished. With ROUTER_INLINE=1 (gemv_config's
+       default up to in = GEMV_INLINE_ROUTER_MAX_K) there is no router launch: every program computes
+       the whole token's logits itself (_inline_logits) while its first weights load, so the
+       one-token path is one launch.
 
 prefill (M > 16): the signs unpacked to memory, the product by cuBLAS
     1. ``_prep_kernel``: per PREP_BLOCK_M rows (prefill_config), the router logits over the whole
@@ -60,6 +63,9 @@ import triton.language as tl
 DECODE_MAX_M = 16
 ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
 GEMV_ROUTER_BLOCK_K = 2048  # the same for one token: few partials, which every program of the GEMV sums
+GEMV_INLINE_ROUTER_BLOCK_K = 2048  # inputs per step of the GEMV's own router loop (ROUTER_INLINE; config
+# ROUTER_BLOCK_K): 10 16-byte loads in flight per thread of 4 warps; 4096 takes 132 registers (sm_90, E = 4)
+GEMV_INLINE_ROUTER_MAX_K = 8192  # gemv_config computes the router inline up to this many inputs (see there)
 SPLIT_PROGRAMS, MAX_SPLIT = 1024, 16  # split-K programs to aim for (132 SMs on an H100); K splits at most
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
@@ -424,32 +430,88 @@ def _flip_sum(w, xs_lo, xs_hi, FLIP_ASM: tl.constexpr, LOG_TERMS: tl.constexpr, 
 
 
 @triton.jit
-def _gemv_gates(logits_ptr, C, E: tl.constexpr, C_P: tl.constexpr):
-    """The softmax gates of one token as a tuple of E fp32 scalars, from the router's C <= C_P partials.
+def _summed_partials(logits_ptr, C, E: tl.constexpr, C_P: tl.constexpr):
+    """The router logits of one token as a tuple of E fp32 scalars, summed from the router launch's
+    C <= C_P partials (C, 1, E). Scalar loads, repeated by every thread: no cross-thread reduction."""
+    logits = ()
+    for e in tl.static_range(E):
+        v = tl.load(logits_ptr + e)
+        for c in tl.static_range(1, C_P):
+            v += tl.load(logits_ptr + c * E + e, mask=c < C, other=0.0)
+        logits = logits + (v,)
+    return logits
 
-    Scalar loads and arithmetic, repeated by every thread: no cross-thread reductions (shuffles,
-    barriers) on the way from the logits to the first use of the gates."""
+
+@triton.jit
+def _inline_logits(x_ptr, router_ptr, K, E: tl.constexpr, E_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The router logits x @ router.T of one token over all K, computed by the calling program itself
+    (ROUTER_INLINE: no router launch), as a tuple of E fp32 scalars.
+
+    Each step loads BLOCK_K inputs of x and of the E router rows (20 kB at 2048 inputs and E = 4;
+    from L2, or L1 once a program of the SM has read them), and each thread sums its products in
+    groups of 8 consecutive inputs (its own 16-byte vectors when BLOCK_K >= 8 * threads: no data
+    leaves the thread) into an (E_P, BLOCK_K / 8) fp32 tile. That tile is reduced across the program
+    once, after the loop: one cross-thread reduction for all experts, where summing each step (as
+    _partial_logits does for the router launch's single step) would add shuffles and a barrier per
+    step. The steps run one after another, each about one L2 round trip, hence large steps. The E
+    logits are then taken out of the reduced (E_P,) vector, which every thread holds whole (the
+    load layout puts all threads along K).
+    """
+    ce = tl.arange(0, E_P)
+    acc = tl.zeros((E_P, BLOCK_K // 8), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        r = tl.load(router_ptr + ce[:, None] * K + rk[None, :], mask=(ce[:, None] < E) & (rk[None, :] < K), other=0.0)
+        acc += tl.sum(tl.reshape(x[None, :] * r.to(tl.float32), (E_P, BLOCK_K // 8, 8)), axis=2)
+    summed = tl.sum(acc, axis=1)
+    logits = ()
+    for e in tl.static_range(E):
+        logits = logits + (tl.sum(tl.where(ce == e, summed, 0.0), axis=0),)
+    return logits
+
+
+@triton.jit
+def _softmax_scalars(logits, E: tl.constexpr):
+    """Softmax of a tuple of E fp32 scalars (the scalar form of _softmax), a tuple of E gates."""
+    m = logits[0]
+    for e in tl.static_range(1, E):
+        m = tl.maximum(m, logits[e])
+    p = ()
+    total = 0.0
+    for e in tl.static_range(E):
+        pe = tl.exp(logits[e] - m)
+        p = p + (pe,)
+        total += pe
+    gates = ()
+    for e in tl.static_range(E):
+        gates = gates + (p[e] / total,)
+    return gates
+
+
+@triton.jit
+def _gemv_gates(x_ptr, router_ptr, logits_ptr, K, C, E: tl.constexpr, E_P: tl.constexpr, C_P: tl.constexpr,
+                ROUTER_INLINE: tl.constexpr, ROUTER_BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """The softmax gates of one token as a tuple of E fp32 scalars, every thread holding them all.
+
+    One expert: the single gate 1. ROUTER_INLINE: from the logits this program computes itself
+    (_inline_logits). Otherwise from the router launch's partials, after waiting for the router's
+    grid when this kernel was launched as its programmatic dependent (PDL); scalar loads and
+    arithmetic, so no cross-thread reduction stands between the logits and the gates' first use.
+    """
     gates = ()
     if E == 1:
         gates = (1.0,)
+    elif ROUTER_INLINE:
+        # a barrier, so that ptxas cannot sink the caller's first loads below the router loop (which it
+        # did, to save registers, at ROUTER_BLOCK_K = 1024): they are to be in flight while it runs
+        tl.debug_barrier()
+        gates = _softmax_scalars(_inline_logits(x_ptr, router_ptr, K, E, E_P, ROUTER_BLOCK_K), E)
     else:
-        logits = ()
-        for e in tl.static_range(E):
-            v = tl.load(logits_ptr + e)
-            for c in tl.static_range(1, C_P):
-                v += tl.load(logits_ptr + c * E + e, mask=c < C, other=0.0)
-            logits = logits + (v,)
-        m = logits[0]
-        for e in tl.static_range(1, E):
-            m = tl.maximum(m, logits[e])
-        p = ()
-        total = 0.0
-        for e in tl.static_range(E):
-            pe = tl.exp(logits[e] - m)
-            p = p + (pe,)
-            total += pe
-        for e in tl.static_range(E):
-            gates = gates + (p[e] / total,)
+        if PDL and not INTERPRET:
+            tl.extra.cuda.gdc_wait()  # the router's logits are complete and visible from here on
+        gates = _softmax_scalars(_summed_partials(logits_ptr, C, E, C_P), E)
     return gates
 
 
@@ -481,20 +543,24 @@ def _gemv_step(acc, w, x_lo, x_hi, s_lo, s_hi, gates, E: tl.constexpr, FLIP_ASM:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr, N, K, KWA, C,
-                 STEPS, E: tl.constexpr, C_P: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-                 SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                 W_ALIGN: tl.constexpr, FLIP_ASM: tl.constexpr, LOG_TERMS: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, router_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr, N,
+                 K, KWA, C, STEPS, E: tl.constexpr, E_P: tl.constexpr, C_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 INTERPRET: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_W: tl.constexpr, W_ALIGN: tl.constexpr, FLIP_ASM: tl.constexpr, LOG_TERMS: tl.constexpr,
+                 PDL: tl.constexpr, ROUTER_INLINE: tl.constexpr, ROUTER_BLOCK_K: tl.constexpr):
     """y[0, n-block] for one token: signs read as int32 words (KW per row), summed by sign flips (_flip_sum).
 
     Program (n, s) takes BLOCK_N rows and STEPS steps of BLOCK_W words from word s * STEPS * BLOCK_W.
     Everything the first step reads but the gates (its weights, activations, s_in and the
-    program's s_out and bias) is requested first; then (with PDL, programmatic dependent launch
-    after the router, only then waiting for the router's grid) the gates, as scalars from the
-    router's C logit partials. Each step computes its 32 * BLOCK_W scaled activations once and
-    flips them against the words of each row; later steps loop. With SPLIT > 1 the K shares meet
-    as in _decode_kernel: fp32 partials, a fence, an arrival count; the last to arrive sums them
-    (one tile load), applies s_out and the bias, and resets the count.
+    program's s_out and bias) is requested first, so that those loads are in flight while the
+    gates are obtained (_gemv_gates): with ROUTER_INLINE the program computes the token's logits
+    over all K itself (x and router, ``router_ptr``; no router launch, ``logits_ptr`` unread);
+    otherwise it sums the router launch's C logit partials (``logits_ptr``), with PDL
+    (programmatic dependent launch after the router) only then waiting for the router's grid.
+    Each step computes its 32 * BLOCK_W scaled activations once and flips them against the words
+    of each row; later steps loop. With SPLIT > 1 the K shares meet as in _decode_kernel: fp32
+    partials, a fence, an arrival count; the last to arrive sums them (one tile load), applies
+    s_out and the bias, and resets the count.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -514,9 +580,8 @@ def _gemv_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr,
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    if PDL and not INTERPRET:
-        tl.extra.cuda.gdc_wait()  # the router's logits are complete and visible from here on
-    gates = _gemv_gates(logits_ptr, C, E, C_P)
+    gates = _gemv_gates(x_ptr, router_ptr, logits_ptr, K, C, E, E_P, C_P, ROUTER_INLINE, ROUTER_BLOCK_K, PDL,
+                        INTERPRET)
     acc = tl.zeros((BLOCK_N, BLOCK_W), tl.float32)
     for w0 in range(w_start, w_end, BLOCK_W):  # the next step's loads are issued before this step's sums
         w_now, xl_now, xh_now, sl_now, sh_now = w, x_lo, x_hi, s_lo, s_hi
@@ -631,16 +696,32 @@ def gemv_config(N: int, K: int, dtype: torch.dtype) -> dict:
     lane-instructions per sign in the step, 2.2 for the whole program, 128 registers: 4 programs an SM;
     benchmarks/sass_report.py), 64 rows where that leaves fewer than two programs an SM. On an H100,
     without PDL, it was within 2 us of the best of 11 tiles x PDL on/off at every paper shape
-    (benchmarks/linear_latency.py --sweep, docs/KERNELS.md). PDL: launched as a programmatic dependent
-    of the router (sm_90; in that sweep up to 2.5 us faster, at worst 0.3 us slower). TERMS: leaves per
-    16-bit partial sum. BINARYMOS_GEMV_CONFIG="BLOCK_N=..,BLOCK_W=..,num_warps=..,PDL=1"
-    overrides it (GPU sweeps and end-to-end runs)."""
+    (benchmarks/linear_latency.py --sweep, docs/KERNELS.md). TERMS: leaves per 16-bit partial sum.
+
+    The router (E > 1; ignored for E = 1), a key missing from a config counting as 0:
+    ROUTER_INLINE=1: no router launch; every GEMV program computes the token's logits over all K
+    itself (_inline_logits, ROUTER_BLOCK_K inputs a step, default GEMV_INLINE_ROUTER_BLOCK_K), so the
+    one-token path is one launch. The default up to K = GEMV_INLINE_ROUTER_MAX_K, an estimate to be
+    replaced by the sweep's: the router launch measured ~2.6 us a call on an H100 (CUDA graph; 0.93
+    ms of a 7B decode step, where 6 of 7 layers have K = 4096), while inline every program reads
+    (E + 1) * K 16-bit values (L2, then L1) and executes ~14 lane-instructions per input at E = 4
+    (sm_90 SASS: 221 per 2048-input step and thread), on top of the ~6 us issue floor of the
+    flips at 13824 x 5120. At K = 4096 that is about +0.9 lane-instructions per sign of a
+    2.5-instruction program (2 serial steps); at K = 13824 about +1.5 on 2.3 (7 steps, 560
+    programs x 138 kB of L1 reads), likely more than the launch it saves.
+    ROUTER_INLINE=0: the router's logit partials in a launch of their own (_router_kernel), and with
+    PDL=1 the GEMV launched as its programmatic dependent (sm_90; in the sweep above up to 2.5 us
+    faster than without, at worst 0.3 us slower).
+
+    BINARYMOS_GEMV_CONFIG="BLOCK_N=..,BLOCK_W=..,num_warps=..,ROUTER_INLINE=1" (ints) replaces it
+    (GPU sweeps and end-to-end runs)."""
     env = os.environ.get("BINARYMOS_GEMV_CONFIG")
     if env:
         return {k.strip(): int(v) for k, v in (item.split("=") for item in env.split(",") if item.strip())}
     kw = triton.cdiv(triton.cdiv(K, 8), 4)
     block_n = 128 if triton.cdiv(N, 128) * k_split(N, 128, triton.cdiv(kw, 32)) >= 2 * 132 else 64
-    return {"BLOCK_N": block_n, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1, "TERMS": 16, "PDL": 1}
+    return {"BLOCK_N": block_n, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1, "TERMS": 16,
+            "ROUTER_INLINE": int(K <= GEMV_INLINE_ROUTER_MAX_K), "PDL": 1}
 
 
 GEMV_SWEEP = [dict(BLOCK_N=n, BLOCK_W=w, num_warps=nw, num_stages=1) for n, w, nw in
@@ -662,21 +743,29 @@ def _locks_for(device) -> torch.Tensor:
 
 
 def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, interpret) -> list[tuple]:
-    """The one-token path as (kernel, grid, args, kwargs) launches: the router's logit partials
-    (E > 1), then the sign-flip GEMV. ``bias`` None or the bias; ``y`` (1, N) receives the result.
+    """The one-token path as (kernel, grid, args, kwargs) launches: with ROUTER_INLINE (cfg, see
+    gemv_config) or one expert the sign-flip GEMV alone, which computes the gates itself; otherwise
+    the router's logit partials, then the GEMV (with PDL=1 on sm_90 as the router's programmatic
+    dependent). ``bias`` None or the bias; ``y`` (1, N) receives the result.
     benchmarks/sass_report.py compiles the same launches offline."""
     N, KB = packed_weight.shape
     K, KW, E = x2.shape[1], KB // 4, scale_in.shape[0]
     E_P = triton.next_power_of_2(E)
     cfg = dict(cfg)
     terms = cfg.pop("TERMS", 16)
-    pdl = (bool(cfg.pop("PDL", False)) and not interpret and x2.is_cuda
+    inline = bool(cfg.pop("ROUTER_INLINE", 0))
+    router_block_k = cfg.pop("ROUTER_BLOCK_K", GEMV_INLINE_ROUTER_BLOCK_K)
+    router_launch = E > 1 and not inline
+    # PDL only behind the router launch: the GEMV reads x before griddepcontrol.wait, which is safe because
+    # the router itself started only after x's producer had finished; behind the producer itself (E = 1
+    # or the router inline) those reads could see x unfinished
+    pdl = (bool(cfg.pop("PDL", False)) and router_launch and not interpret and x2.is_cuda
            and torch.cuda.get_device_capability(x2.device)[0] >= 9)  # griddepcontrol: sm_90
     split = cfg.pop("SPLIT", None) or k_split(N, cfg["BLOCK_N"], triton.cdiv(KW, cfg["BLOCK_W"]))
     steps = triton.cdiv(triton.cdiv(KW, cfg["BLOCK_W"]), split)
     launches = []
-    logits, C = y, 0
-    if E > 1:
+    logits, C = y, 0  # an unread placeholder pointer without a router launch
+    if router_launch:
         C = triton.cdiv(K, GEMV_ROUTER_BLOCK_K)
         logits = torch.empty((C, 1, E), device=x2.device, dtype=torch.float32)
         launches.append((_router_kernel, (C,), (x2, router, logits, 1, K, x2.stride(0)),
@@ -689,12 +778,13 @@ def gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, 
     if pdl:
         cfg["launch_pdl"] = True
     launches.append((_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]), split),
-                     (x2, packed_weight.view(torch.int32), logits, scale_in, scale_out, y if bias is None else bias, y,
-                      partial, locks, N, K, KW // w_align, C, steps),
-                     dict(E=E, C_P=max(1, triton.next_power_of_2(C)), HAS_BIAS=bias is not None,
+                     (x2, packed_weight.view(torch.int32), router if E > 1 else y, logits, scale_in, scale_out,
+                      y if bias is None else bias, y, partial, locks, N, K, KW // w_align, C, steps),
+                     dict(E=E, E_P=E_P, C_P=max(1, triton.next_power_of_2(C)), HAS_BIAS=bias is not None,
                           INTERPRET=interpret, SPLIT=split, W_ALIGN=w_align,
                           FLIP_ASM=FLIP_SUM_ASM[(x2.dtype == torch.bfloat16, terms)], LOG_TERMS=terms.bit_length() - 1,
-                          SPLIT_P=triton.next_power_of_2(split), PDL=pdl, **cfg)))
+                          SPLIT_P=triton.next_power_of_2(split), PDL=pdl, ROUTER_INLINE=E > 1 and inline,
+                          ROUTER_BLOCK_K=router_block_k, **cfg)))
     return launches
 
 
