@@ -6,6 +6,7 @@
 #   bash benchmarks/quality_study.sh session x2     # 2 GPUs, ~8 minutes: issue 6's planner check and noise floor
 #   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~22 minutes: --bf16-compute (and --compile) against the default
 #   bash benchmarks/quality_study.sh session throughput  # 1 GPU, ~12 minutes: sampling caches, compiled training parts
+#   bash benchmarks/quality_study.sh session teacher     # 1 GPU, ~12 minutes a run: E=4 on real text, and with teacher text
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -166,6 +167,24 @@ lanes-throughput)  # what `session throughput` runs detached, on one GPU: sampli
     python "$B/train_throughput.py" --model "$M" --experts 4 --out "$W/throughput-e4.md" > "$W/throughput-e4.log" 2>&1
     python "$B/train_throughput.py" --model "$M" --experts 1 --variants eager,teacher+loss \
         --out "$W/throughput-e1.md" > "$W/throughput-e1.log" 2>&1
+    touch "$W/done"
+    ;;
+lanes-teacher)  # what `session teacher` runs detached, on one GPU: teacher sampling with each KV cache, then E=4 for
+    # SHORT_MINUTES (10) with --bf16-compute --compile teacher, for each of RUNS: "real" (c4_wiki) and "teacher"
+    # (c4_wiki and TEACHER_SAMPLES (2048) sequences the teacher wrote, sampled before the budget's clock starts)
+    SHORT=${SHORT_MINUTES:-10} N=${TEACHER_SAMPLES:-2048}
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    B=$(dirname "$0")
+    [ -f "$W/sampling-512.md" ] || python "$B/sampling_speed.py" --model "$M" --caches dynamic,graph --seq-len 512 \
+        --out "$W/sampling-512.md" > "$W/sampling-512.log" 2>&1
+    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
+    for run in ${RUNS:-real teacher}; do
+        case $run in
+        real) timed_run 0 e4-bf16-teacher-compiled-${SHORT}min "$SHORT" $FAST ;;
+        teacher) timed_run 0 e4-teacher-text-${N}-${SHORT}min "$SHORT" $FAST --data teacher+c4_wiki \
+            --teacher-samples "$N" --teacher-batch-size 256 ;;
+        esac
+    done
     touch "$W/done"
     ;;
 poll)
