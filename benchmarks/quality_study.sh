@@ -7,6 +7,7 @@
 #   bash benchmarks/quality_study.sh session bf16   # 1 GPU, ~22 minutes: --bf16-compute (and --compile) against the default
 #   bash benchmarks/quality_study.sh session throughput  # 1 GPU, ~12 minutes: sampling caches, compiled training parts
 #   bash benchmarks/quality_study.sh session teacher     # 1 GPU, ~12 minutes a run: E=4 on real text, and with teacher text
+#   bash benchmarks/quality_study.sh session ab          # 1 GPU, ~15 minutes: the same pair sharing the GPU at once
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -185,6 +186,30 @@ lanes-teacher)  # what `session teacher` runs detached, on one GPU: teacher samp
             --teacher-samples "$N" --teacher-batch-size 256 ;;
         esac
     done
+    touch "$W/done"
+    ;;
+lanes-ab)  # what `session ab` runs detached, on one GPU: whether graph sampling writes what the eager static cache
+    # writes (temperature 0), then the teacher's TEACHER_SAMPLES (512) sequences sampled into the cache, then two E=4
+    # runs of SHORT_MINUTES (10) sharing the GPU from the same moment: c4_wiki, and c4_wiki plus the teacher's text
+    SHORT=${SHORT_MINUTES:-10} N=${TEACHER_SAMPLES:-512}
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    B=$(dirname "$0")
+    python "$B/sampling_speed.py" --model "$M" --caches static,graph --seq-len 128 --count 64 --batch-size 64 \
+        --temperature 0 --out "$W/sampling-check.md" > "$W/sampling-check.log" 2>&1
+    python - "$M" "$N" > "$W/teacher-text.log" 2>&1 <<'EOF'
+import sys, time, torch
+from binarymos.models import load_model
+from binarymos.synth import teacher_tokens
+model, tokenizer = load_model(sys.argv[1], dtype=torch.bfloat16, device="cuda")
+t = time.perf_counter()
+ids = teacher_tokens(model, tokenizer, sys.argv[1], int(sys.argv[2]), 2048, 1.0, 0, 256)
+print(f"teacher text: {ids.numel():,} tokens in {time.perf_counter() - t:.1f} s")
+EOF
+    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
+    timed_run 0 ab-real-${SHORT}min "$SHORT" $FAST &
+    timed_run 0 ab-teacher-${N}-${SHORT}min "$SHORT" $FAST --data teacher+c4_wiki --teacher-samples "$N" \
+        --teacher-batch-size 256 &
+    wait
     touch "$W/done"
     ;;
 poll)
