@@ -65,7 +65,7 @@ ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
 GEMV_ROUTER_BLOCK_K = 2048  # the same for one token: few partials, which every program of the GEMV sums
 GEMV_INLINE_ROUTER_BLOCK_K = 2048  # inputs per step of the GEMV's own router loop (ROUTER_INLINE; config
 # ROUTER_BLOCK_K): 10 16-byte loads in flight per thread of 4 warps; 4096 takes 132 registers (sm_90, E = 4)
-GEMV_INLINE_ROUTER_MAX_K = 8192  # gemv_config computes the router inline up to this many inputs (see there)
+GEMV_INLINE_ROUTER_MAX_K = 8192  # gemv_config computes the router inline up to this many inputs (measured, see there)
 SPLIT_PROGRAMS, MAX_SPLIT = 1024, 16  # split-K programs to aim for (132 SMs on an H100); K splits at most
 MAX_LOCKS = 1 << 16
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: one arrival count per decode column block
@@ -701,14 +701,12 @@ def gemv_config(N: int, K: int, dtype: torch.dtype) -> dict:
     The router (E > 1; ignored for E = 1), a key missing from a config counting as 0:
     ROUTER_INLINE=1: no router launch; every GEMV program computes the token's logits over all K
     itself (_inline_logits, ROUTER_BLOCK_K inputs a step, default GEMV_INLINE_ROUTER_BLOCK_K), so the
-    one-token path is one launch. The default up to K = GEMV_INLINE_ROUTER_MAX_K, an estimate to be
-    replaced by the sweep's: the router launch measured ~2.6 us a call on an H100 (CUDA graph; 0.93
-    ms of a 7B decode step, where 6 of 7 layers have K = 4096), while inline every program reads
-    (E + 1) * K 16-bit values (L2, then L1) and executes ~14 lane-instructions per input at E = 4
-    (sm_90 SASS: 221 per 2048-input step and thread), on top of the ~6 us issue floor of the
-    flips at 13824 x 5120. At K = 4096 that is about +0.9 lane-instructions per sign of a
-    2.5-instruction program (2 serial steps); at K = 13824 about +1.5 on 2.3 (7 steps, 560
-    programs x 138 kB of L1 reads), likely more than the launch it saves.
+    one-token path is one launch. The default up to K = GEMV_INLINE_ROUTER_MAX_K: in the sweep on an H100
+    (CUDA graph, best tile of each way, docs/KERNELS.md session 7) inline was 1.1-1.9 us faster at K = 4096
+    and 5120 (7.3 against 9.2 us at 4096 x 4096) and equal at 5120 -> 13824, but no faster at K = 11008 (13.9
+    against 13.8) and 3.8 us slower at K = 13824: every program reads (E + 1) * K 16-bit values and executes
+    ~14 lane-instructions per input at E = 4 (sm_90 SASS: 221 per 2048-input step and thread), which long
+    rows pay on top of the flips' own issue floor.
     ROUTER_INLINE=0: the router's logit partials in a launch of their own (_router_kernel), and with
     PDL=1 the GEMV launched as its programmatic dependent (sm_90; in the sweep above up to 2.5 us
     faster than without, at worst 0.3 us slower).
