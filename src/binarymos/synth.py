@@ -118,8 +118,7 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     """(count, seq_len) token ids written by ``model``, batch by batch on its device, with a KV cache.
 
     ``cache``: "dynamic" (transformers' default cache), "static", or "graph" (static, each step a CUDA graph
-    replay); None: "graph" on a GPU, "dynamic" elsewhere. The last batch is padded to ``batch_size`` (so
-    that one graph serves every batch) and the padding dropped.
+    replay, captured once per batch); None: "graph" on a GPU, "dynamic" elsewhere.
     """
     if count < 1 or seq_len < 2 or temperature < 0 or batch_size < 1:
         raise ValueError("teacher text needs count >= 1, seq_len >= 2, temperature >= 0 and batch size >= 1")
@@ -137,11 +136,7 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     # half the host time of a decoding step (torch 2.11, H100; docs/RESULTS.md)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for lo in range(0, count, batch_size):
-            u = uniforms[lo:lo + batch_size]
-            n = len(u)
-            if cache != "dynamic":
-                u = torch.cat([u, u[-1:].expand(batch_size - n, -1)])
-            u = u.to(device)
+            u = uniforms[lo:lo + batch_size].to(device)
             ids = starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1)
             if bos is not None:
                 ids = torch.cat([torch.full_like(ids, bos), ids], 1)
@@ -157,7 +152,7 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
                 seqs.append(ids)
                 if t < seq_len - 1:
                     logits = steps.send(ids)
-            out[lo:lo + n] = torch.cat(seqs, 1)[:n].cpu()
+            out[lo:lo + batch_size] = torch.cat(seqs, 1).cpu()
     model.train(was_training)
     return out
 

@@ -178,7 +178,7 @@ def hidden_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, by_t
     return mse / teacher_hidden.float().pow(2).mean() if by_teacher else mse
 
 
-def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term: (loss, {"kl", "hidden"}),
     the parts as detached 0-d tensors (reading them is a wait for the GPU, which the loop does once a step)."""
     batch, seq = student_out.logits.shape[:2]
@@ -457,12 +457,12 @@ def train(cfg: TrainConfig):
             # every rank stops together
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
-            loss_, kl_, hidden_, norm_ = torch.cat([parts_sum, grad_norm.reshape(1).float()]).tolist()
-            terms = env.mean({"loss": loss_, "kl": kl_, "hidden": hidden_})
+            *parts_read, norm = torch.cat([parts_sum, grad_norm.reshape(1).float()]).tolist()
+            terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
             if not math.isfinite(terms["loss"]):
                 raise _diverged(f"loss is {terms['loss']}", step, out)
-            if not math.isfinite(norm_):
-                raise _diverged(f"gradient norm is {norm_}", step, out)
+            if not math.isfinite(norm):
+                raise _diverged(f"gradient norm is {norm}", step, out)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
