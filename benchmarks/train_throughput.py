@@ -11,9 +11,11 @@ student's blocks on their own:
 - ``loss``: the chunked vocabulary KL (train._kl_sum) and the per-layer hidden-state term (train.hidden_pair);
 - ``teacher``: the frozen teacher's forward (no backward, one static shape);
 - ``teacher+loss``: both;
-- ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead").
+- ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead");
+- ``formula``: nothing compiled, and the student's BinaryMoS layers as plain autograd ops
+  (``BinaryMoSLinear.formula_forward``) instead of the fused training layer (session 8).
 
-Each runs --steps steps (bf16 compute, batch 8 x 2048, c4_wiki) and reports tokens/s after step --skip and
+Each runs --steps steps (bf16 compute unless --float32-residual, batch --batch-size x 2048, c4_wiki) and reports tokens/s after step --skip and
 the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish.
 """
 from __future__ import annotations
@@ -27,14 +29,17 @@ from pathlib import Path
 import torch
 
 from binarymos import train as train_mod
+from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs")
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula")
 
 
 def _patch(variant: str) -> dict:
     """Monkeypatch train's loss pieces and prepare() for ``variant``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
+    if variant == "formula":
+        BinaryMoSLinear.forward = BinaryMoSLinear.formula_forward
     if "loss" in variant:
         train_mod._kl_sum, train_mod.hidden_pair = torch.compile(saved["_kl_sum"]), torch.compile(saved["hidden_pair"])
     if "teacher" in variant:
@@ -49,18 +54,20 @@ def _patch(variant: str) -> dict:
     return saved
 
 
-def run(model: str, steps: int, skip: int, variant: str, experts: int) -> dict:
+def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: int, bf16: bool) -> dict:
+    fused_forward = BinaryMoSLinear.forward
     saved = _patch(variant)
     torch._dynamo.reset()
     try:
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
-            train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=8,
-                              grad_checkpointing=False, bf16_compute=True, max_steps=steps, log_every=1,
+            train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=batch,
+                              grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
                               save_every=10**6))
             wall = time.perf_counter() - started
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     finally:
+        BinaryMoSLinear.forward = fused_forward
         for name, value in saved.items():
             setattr(train_mod, name, value)
     a, b = log[skip - 1], log[-1]
@@ -74,12 +81,15 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--experts", default="4", help="comma-separated; every variant runs at each")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--float32-residual", action="store_true", help="without --bf16-compute")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--skip", type=int, default=20, help="steps left out of the tokens/s (compilation, warm-up)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    lines = [f"{device}, batch 8 x 2048, --bf16-compute, {args.steps} steps, "
+    compute = "float32 residual stream" if args.float32_residual else "--bf16-compute"
+    lines = [f"{device}, batch {args.batch_size} x 2048, {compute}, {args.steps} steps, "
              f"tokens/s after step {args.skip}", "",
              "| variant | E | tokens/s | seconds to step 10 | run wall s | peak GB | final KL |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -89,7 +99,7 @@ def main() -> None:
                 raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            r = run(args.model, args.steps, args.skip, variant, experts)
+            r = run(args.model, args.steps, args.skip, variant, experts, args.batch_size, not args.float32_residual)
             lines.append(f"| {variant} | {experts} | {r['tokens_per_s']:,.0f} | {r['seconds_to_step_10']:.1f} | "
                          f"{r['wall_s']:.0f} | {r['peak_gb']:.1f} | {r['final_kl']:.3f} |")
             print(lines[-1], flush=True)

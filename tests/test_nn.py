@@ -69,6 +69,47 @@ def test_straight_through_gradient_is_clipped_at_one():
     assert layer.scale_in.grad is not None and layer.router.weight.grad is not None
 
 
+@pytest.mark.parametrize("experts, bias", [(4, True), (1, False)])
+def test_every_gradient_matches_autograd_of_the_formula(experts, bias):
+    """The hand-written backward against autograd of SPEC.md's formula in float64, the sign's gradient
+    passed straight through where |w| <= 1; x, latent weights, router, both scales and bias."""
+    layer = random_layer(experts=experts, bias=bias).double()
+    with torch.no_grad():
+        layer.weight.mul_(2)  # some latent weights beyond the clip
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 20, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = params["weight"]
+    mask = (w.detach().abs() <= 1).double()
+    signs = torch.where(w.detach() >= 0, 1.0, -1.0).double() + (w - w.detach()) * mask  # value sign, gradient mask
+    if experts > 1:
+        gates = torch.softmax(x_ref @ params["router.weight"].T, dim=-1)
+        s_in, s_out = gates @ params["scale_in"], gates @ params["scale_out"]
+    else:
+        s_in, s_out = params["scale_in"][0], params["scale_out"][0]
+    y = ((x_ref * s_in) @ signs.T) * s_out + (params["bias"] if bias else 0)
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)  # gates are float32
+    for name, p in layer.named_parameters():
+        if name == "router.weight" and experts == 1:
+            assert p.grad is None  # no router with one expert
+            continue
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_autocast_computes_in_bfloat16_and_returns_float32():
+    layer = random_layer()
+    x = torch.randn(3, 7, 24)
+    ref = formula(x, layer.weight, layer.router.weight, layer.scale_in, layer.scale_out, layer.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert 1e-4 < err < 2e-2  # bfloat16 products (not float32 ones), and no worse than its resolution
+
+
 def test_svd_init_is_rank_one_of_abs_weight():
     torch.manual_seed(1)
     linear = nn.Linear(48, 40)

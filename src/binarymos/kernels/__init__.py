@@ -1,4 +1,4 @@
-"""Fast inference for the packed BinaryMoS layer.
+"""Fast kernels: inference for the packed BinaryMoS layer, and the training layer's per-token scaling.
 
 ``binary_mos_linear`` computes, for x (..., in) and a layer stored as ``PackedBinaryMoSLinear``
 stores it (signs packed 8 per byte along the input, least significant bit first, bit 1 = +1):
@@ -19,7 +19,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-__all__ = ["binary_mos_linear", "binary_mos_linear_reference", "triton_available"]
+__all__ = ["binary_mos_linear", "binary_mos_linear_reference", "scale_rows", "scale_rows_backward",
+           "scale_rows_backward_reference", "scale_rows_reference", "triton_available"]
 
 
 @functools.cache
@@ -50,3 +51,54 @@ def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, ro
         s_in, s_out = (g @ scale_in.float()).to(x.dtype), (g @ scale_out.float()).to(x.dtype)
     y = F.linear(x * s_in, unpack_signs(packed_weight, x.shape[-1], x.dtype)) * s_out
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def scale_rows(a: torch.Tensor, gates: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a * (gates @ scales) + bias for rows a (M, D), gates (M, E) or None (one expert: scales[0]), scales (E, D).
+
+    The training layer's x * s_in and z * s_out + bias in one pass (``binarymos.kernels.training`` on
+    CUDA), computed in float32 (or a's dtype if wider) and returned in ``out_dtype`` (default a's).
+    """
+    if a.is_cuda and triton_available():
+        from .training import scale_rows_triton
+
+        return scale_rows_triton(a, gates, scales, bias, out_dtype)
+    return scale_rows_reference(a, gates, scales, bias, out_dtype)
+
+
+def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Tensor | None, scales: torch.Tensor,
+                        out_dtype: torch.dtype | None = None):
+    """Gradients of out = a * (gates @ scales) given d out = ``grad`` and ``saved`` = a, each (M, D):
+
+    grad * (gates @ scales) in ``out_dtype`` (default grad's), (grad * saved) @ scales.T (M, E; None
+    without gates) and gates.T @ (grad * saved) (E, D), the last two in float32 or wider.
+    """
+    if grad.is_cuda and triton_available():
+        from .training import scale_rows_backward_triton
+
+        return scale_rows_backward_triton(grad, saved, gates, scales, out_dtype)
+    return scale_rows_backward_reference(grad, saved, gates, scales, out_dtype)
+
+
+def _mixed_scales(gates: torch.Tensor | None, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return scales[0].to(dtype) if gates is None else gates.to(dtype) @ scales.to(dtype)
+
+
+def scale_rows_reference(a, gates, scales, bias=None, out_dtype=None) -> torch.Tensor:
+    """``scale_rows`` in plain PyTorch (CPU, and where Triton is missing)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    out = a.to(acc) * _mixed_scales(gates, scales, acc)
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(out_dtype or a.dtype)
+
+
+def scale_rows_backward_reference(grad, saved, gates, scales, out_dtype=None):
+    """``scale_rows_backward`` in plain PyTorch."""
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    grad_a = (grad.to(acc) * _mixed_scales(gates, scales, acc)).to(out_dtype or grad.dtype)
+    u = grad.to(acc) * saved.to(acc)
+    if gates is None:
+        return grad_a, None, u.sum(0, keepdim=True)
+    return grad_a, u @ scales.to(acc).T, gates.to(acc).T @ u

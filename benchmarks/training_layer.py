@@ -1,0 +1,108 @@
+"""The training layer on a GPU: the fused BinaryMoSLinear (hand-written backward, Triton row kernels)
+against the same layer as plain autograd ops, for accuracy and time (issue 5).
+
+    python benchmarks/training_layer.py --out $OUT/training_layer.md
+
+For SmolLM2-135M's four layer shapes at batch 8 x 2048 tokens, E in {1, 4}, bf16 activations (as under
+--bf16-compute): the relative error of the output and of every gradient against a float64 computation
+of the formula (the sign's gradient passed straight through where |w| <= 1), for both spellings, and
+the median time of one forward + backward (CUDA events, 20 repeats after 5 warm-ups).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from binarymos.nn import BinaryMoSLinear
+
+SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v, gate/up, down
+
+
+def make_layer(in_f: int, out_f: int, experts: int) -> BinaryMoSLinear:
+    torch.manual_seed(0)
+    layer = BinaryMoSLinear.from_linear(torch.nn.Linear(in_f, out_f, bias=False), experts).cuda()
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.05)
+        layer.scale_in.mul_(torch.rand_like(layer.scale_in) + 0.5)
+        layer.scale_out.mul_(torch.rand_like(layer.scale_out) + 0.5)
+    return layer
+
+
+def autocast(forward):
+    """The forward under bf16 autocast, as the training loop runs it on a GPU."""
+    def run(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return forward(x)
+    return run
+
+
+def float64_grads(layer: BinaryMoSLinear, x: torch.Tensor, upstream: torch.Tensor) -> dict:
+    p = {n: t.detach().double().requires_grad_(True) for n, t in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_(True)
+    w = p["weight"]
+    signs = torch.where(w.detach() >= 0, 1.0, -1.0).double() + (w - w.detach()) * (w.detach().abs() <= 1)
+    if layer.num_experts > 1:
+        gates = torch.softmax(x64 @ p["router.weight"].T, -1)
+        s_in, s_out = gates @ p["scale_in"], gates @ p["scale_out"]
+    else:
+        s_in, s_out = p["scale_in"][0], p["scale_out"][0]
+    y = ((x64 * s_in) @ signs.T) * s_out
+    (y * upstream.double()).sum().backward()
+    return {"y": y.detach(), "x": x64.grad, **{n: t.grad for n, t in p.items() if t.grad is not None}}
+
+
+def measured(layer: BinaryMoSLinear, forward, x: torch.Tensor, upstream: torch.Tensor) -> dict:
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = forward(x)
+    (y * upstream).sum().backward()
+    return {"y": y.detach(), "x": x.grad, **{n: t.grad for n, t in layer.named_parameters() if t.grad is not None}}
+
+
+def median_ms(layer, forward, x, upstream, warmup: int = 5, repeats: int = 20) -> float:
+    x = x.detach().requires_grad_(True)
+    times = []
+    for i in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        (forward(x) * upstream).sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8 * 2048)
+    p.add_argument("--experts", default="4,1")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    lines = [f"{torch.cuda.get_device_name()}, {args.tokens} tokens, bf16 activations; relative error against "
+             "float64 (worst of y and every gradient); forward + backward median ms", "",
+             "| in -> out | E | fused worst error | formula worst error | fused ms | formula ms | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for experts in (int(e) for e in args.experts.split(",")):
+        for in_f, out_f in SHAPES:
+            layer = make_layer(in_f, out_f, experts)
+            x = torch.randn(args.tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            upstream = torch.randn(args.tokens, out_f, device="cuda", dtype=torch.bfloat16)
+            ref = float64_grads(layer, x, upstream)
+            spellings = {"fused": autocast(layer.forward), "formula": autocast(layer.formula_forward)}
+            worst, ms = {}, {}
+            for name, forward in spellings.items():
+                got = measured(layer, forward, x, upstream)
+                worst[name] = max(((got[k].double() - r).norm() / r.norm()).item() for k, r in ref.items())
+                ms[name] = median_ms(layer, forward, x, upstream)
+            lines.append(f"| {in_f} -> {out_f} | {experts} | {worst['fused']:.2e} | {worst['formula']:.2e} | "
+                         f"{ms['fused']:.3f} | {ms['formula']:.3f} | {ms['formula'] / ms['fused']:.2f}x |")
+            print(lines[-1], flush=True)
+            if args.out:
+                Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
