@@ -29,10 +29,13 @@ BACKWARD_BLOCK_M, BACKWARD_BLOCK_D = 64, 64  # rows per program (each walks the 
 @triton.jit
 def _row_scales(gates, scales_ptr, cols, D, E: tl.constexpr, E_P: tl.constexpr, HAS_GATES: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """G @ S at columns cols, (BLOCK_M, BLOCK_D) fp32; without gates S[0], (1, BLOCK_D)."""
+    """G @ S at columns cols, (BLOCK_M, BLOCK_D) fp32; without gates S[0] on every row."""
     if HAS_GATES:
-        return _mix(gates, scales_ptr, cols, D, E, E_P, BLOCK_M, BLOCK_D)
-    return tl.load(scales_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        s = _mix(gates, scales_ptr, cols, D, E, E_P, BLOCK_M, BLOCK_D)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_D), tl.float32) + tl.load(scales_ptr + cols, mask=cols < D,
+                                                              other=0.0).to(tl.float32)[None, :]
+    return s
 
 
 @triton.jit
@@ -40,9 +43,11 @@ def _load_gates(gates_ptr, rows, M, E: tl.constexpr, E_P: tl.constexpr, HAS_GATE
                 BLOCK_M: tl.constexpr):
     ce = tl.arange(0, E_P)
     if HAS_GATES:
-        return tl.load(gates_ptr + rows[:, None] * E + ce[None, :], mask=(rows[:, None] < M) & (ce[None, :] < E),
-                       other=0.0)
-    return tl.zeros((BLOCK_M, E_P), tl.float32)
+        gates = tl.load(gates_ptr + rows[:, None] * E + ce[None, :], mask=(rows[:, None] < M) & (ce[None, :] < E),
+                        other=0.0)
+    else:
+        gates = tl.zeros((BLOCK_M, E_P), tl.float32)
+    return gates
 
 
 @triton.jit
