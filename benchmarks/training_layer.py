@@ -75,12 +75,38 @@ def median_ms(layer, forward, x, upstream, warmup: int = 5, repeats: int = 20) -
     return sorted(times)[len(times) // 2]
 
 
+def profile(layer, forward, x, upstream, name: str) -> str:
+    """torch.profiler's kernel table of 5 forward + backward passes (after 3 warm-ups)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = x.detach().requires_grad_(True)
+    for _ in range(3):
+        (forward(x) * upstream).sum().backward()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            (forward(x) * upstream).sum().backward()
+        torch.cuda.synchronize()
+    return f"### {name}\n\n```\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}\n```\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8 * 2048)
     p.add_argument("--experts", default="4,1")
+    p.add_argument("--profile", default=None, help="IN:OUT: print torch.profiler's tables for this shape and exit")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.profile:
+        in_f, out_f = (int(v) for v in args.profile.split(":"))
+        for experts in (int(e) for e in args.experts.split(",")):
+            layer = make_layer(in_f, out_f, experts)
+            x = torch.randn(args.tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            upstream = torch.randn(args.tokens, out_f, device="cuda", dtype=torch.bfloat16)
+            for name, forward in {"fused": layer.forward, "formula": layer.formula_forward}.items():
+                print(profile(layer, autocast(forward), x, upstream, f"{in_f} -> {out_f}, E={experts}, {name}"))
+        return
     lines = [f"{torch.cuda.get_device_name()}, {args.tokens} tokens, bf16 activations; relative error against "
              "float64 (worst of y and every gradient); forward + backward median ms", "",
              "| in -> out | E | fused worst error | formula worst error | fused ms | formula ms | speed-up |",
