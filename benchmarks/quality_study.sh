@@ -8,7 +8,7 @@
 #   bash benchmarks/quality_study.sh session throughput  # 1 GPU, ~12 minutes: sampling caches, compiled training parts
 #   bash benchmarks/quality_study.sh session teacher     # 1 GPU, ~12 minutes a run: E=4 on real text, and with teacher text
 #   bash benchmarks/quality_study.sh session ab          # 1 GPU, ~15 minutes: the same pair sharing the GPU at once
-#   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~7 minutes + runs: the fused training layer, then RUNS
+#   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -214,14 +214,19 @@ EOF
     touch "$W/done"
     ;;
 lanes-fused)  # what `session fused` runs detached, on one GPU: the fused training layer's accuracy and time per layer,
-    # tokens/s against the plain autograd layer (E=4 and E=1, batch 8 and E=4 at 16), then for each of RUNS ("e4", "e1";
+    # tokens/s against the plain autograd layer (E=4 and E=1, batch 8 and E=4 at 16) and with CUDA graphs (teacher; teacher
+    # and student), then for each of RUNS ("e4", "e1";
     # none by default) a SHORT_MINUTES (10) run with --bf16-compute --compile teacher
     SHORT=${SHORT_MINUTES:-10}
     python -c "from binarymos.models import loadable; loadable('$M')"
     B=$(dirname "$0")
     python "$B/training_layer.py" --out "$W/training-layer.md" > "$W/training-layer.log" 2>&1
-    python "$B/train_throughput.py" --model "$M" --experts 4,1 --variants formula,eager,teacher-graphs \
+    python "$B/train_throughput.py" --model "$M" --experts 4,1 --variants formula,eager \
         --out "$W/throughput-b8.md" > "$W/throughput-b8.log" 2>&1
+    for variant in teacher-graphs student-graphs; do  # each alone: a compile that fails or hangs ends only its row
+        timeout 420 python "$B/train_throughput.py" --model "$M" --experts 4 --variants $variant \
+            --out "$W/throughput-b8-$variant.md" > "$W/throughput-b8-$variant.log" 2>&1
+    done
     python "$B/train_throughput.py" --model "$M" --experts 4 --variants eager --batch-size 16 \
         --out "$W/throughput-b16.md" > "$W/throughput-b16.log" 2>&1
     FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
