@@ -213,27 +213,31 @@ EOF
     wait
     touch "$W/done"
     ;;
-lanes-fused)  # what `session fused` runs detached, on one GPU: the fused training layer's accuracy and time per layer,
-    # tokens/s against the plain autograd layer (E=4 and E=1, batch 8 and E=4 at 16) and with CUDA graphs (teacher; teacher
-    # and student), then for each of RUNS ("e4", "e1";
-    # none by default) a SHORT_MINUTES (10) run with --bf16-compute --compile teacher
-    SHORT=${SHORT_MINUTES:-10}
+lanes-fused)  # what `session fused` runs detached, on one GPU: PROBES (default all), then RUNS (none by default).
+    # Probes: "layer" the fused training layer's accuracy and time per layer; "b8" tokens/s against the plain autograd
+    # layer at batch 8, E=4 and E=1; "graphs" E=4 with CUDA graphs (teacher; teacher and student); "b16" E=4 and E=1
+    # at batch 16 without checkpointing. Runs ("e4", "e1"): SHORT_MINUTES (10) at batch BATCH (8), --bf16-compute
+    SHORT=${SHORT_MINUTES:-10} BATCH=${BATCH:-8}
     python -c "from binarymos.models import loadable; loadable('$M')"
     B=$(dirname "$0")
-    python "$B/training_layer.py" --out "$W/training-layer.md" > "$W/training-layer.log" 2>&1
-    python "$B/train_throughput.py" --model "$M" --experts 4,1 --variants formula,eager \
-        --out "$W/throughput-b8.md" > "$W/throughput-b8.log" 2>&1
-    for variant in teacher-graphs student-graphs; do  # each alone: a compile that fails or hangs ends only its row
-        timeout 420 python "$B/train_throughput.py" --model "$M" --experts 4 --variants $variant \
-            --out "$W/throughput-b8-$variant.md" > "$W/throughput-b8-$variant.log" 2>&1
+    for probe in ${PROBES:-layer b8 graphs b16}; do
+        case $probe in
+        layer) python "$B/training_layer.py" --out "$W/training-layer.md" > "$W/training-layer.log" 2>&1 ;;
+        b8) python "$B/train_throughput.py" --model "$M" --experts 4,1 --variants formula,eager \
+                --out "$W/throughput-b8.md" > "$W/throughput-b8.log" 2>&1 ;;
+        graphs) for variant in teacher-graphs student-graphs; do  # each alone: a failing compile ends only its row
+                timeout 420 python "$B/train_throughput.py" --model "$M" --experts 4 --variants $variant \
+                    --out "$W/throughput-b8-$variant.md" > "$W/throughput-b8-$variant.log" 2>&1
+            done ;;
+        b16) python "$B/train_throughput.py" --model "$M" --experts 4,1 --variants eager --batch-size 16 \
+                --out "$W/throughput-b16.md" > "$W/throughput-b16.log" 2>&1 ;;
+        esac
     done
-    python "$B/train_throughput.py" --model "$M" --experts 4 --variants eager --batch-size 16 \
-        --out "$W/throughput-b16.md" > "$W/throughput-b16.log" 2>&1
-    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
+    FAST="--batch-size $BATCH --no-grad-checkpointing --bf16-compute"
     for run in ${RUNS:-}; do
         case $run in
-        e4) timed_run 0 fused-e4-${SHORT}min "$SHORT" $FAST ;;
-        e1) timed_run 0 fused-e1-${SHORT}min "$SHORT" $FAST -E 1 ;;
+        e4) timed_run 0 fused-e4-b$BATCH-${SHORT}min "$SHORT" $FAST ;;
+        e1) timed_run 0 e1-b$BATCH-${SHORT}min "$SHORT" $FAST -E 1 ;;
         esac
     done
     touch "$W/done"

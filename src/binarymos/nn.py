@@ -116,11 +116,13 @@ class BinaryMoSLinear(nn.Module):
         return (g @ self.scale_in.float()).to(x.dtype), (g @ self.scale_out.float()).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inductor fuses the plain formula itself
+        # one expert: vector scales, whose autograd ops are cheap (the fused layer measured 10 % slower there);
+        # under torch.compile inductor fuses the formula itself
+        if self.num_experts == 1 or torch.compiler.is_compiling():
             return self.formula_forward(x)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _BinaryMoSFunction.apply(x, self.weight, self.router.weight if self.num_experts > 1 else None,
-                                        self.scale_in, self.scale_out, self.bias, self.ste_clip, compute_dtype)
+        return _BinaryMoSFunction.apply(x, self.weight, self.router.weight, self.scale_in, self.scale_out, self.bias,
+                                        self.ste_clip, compute_dtype)
 
     def formula_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer as plain autograd ops (what torch.compile traces; autograd's gradients)."""
@@ -134,12 +136,14 @@ class BinaryMoSLinear(nn.Module):
 
 
 class _BinaryMoSFunction(torch.autograd.Function):
-    """BinaryMoSLinear's forward and a hand-written backward: two cuBLAS products each way, and the
+    """BinaryMoSLinear's forward (E > 1) and a hand-written backward: the products by cuBLAS, and the
     per-token scaling with its gradients in single passes (``binarymos.kernels.scale_rows``).
 
     Autograd of the plain formula launches a dozen elementwise kernels per layer and direction and keeps
-    s_in, x * s_in, z and s_out alive for the backward; this keeps x * s_in and z. The products run in
-    ``compute_dtype`` (autocast's, or x's), gates and scale gradients in float32, the result in x's dtype.
+    s_in, x * s_in, z and s_out alive for the backward; this keeps x * s_in and z: 23 % less peak memory
+    when distilling SmolLM2 at batch 8 (docs/RESULTS.md), so batch 16 fits an 80 GB GPU without
+    checkpointing. The products run in ``compute_dtype`` (autocast's, or x's), gates and scale gradients
+    in float32, the result in x's dtype.
     """
 
     @staticmethod
@@ -149,9 +153,7 @@ class _BinaryMoSFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             signs = binary_sign(weight).to(compute_dtype)
-            gates = None
-            if router_weight is not None:
-                gates = torch.softmax(F.linear(x2, router_weight.to(x.dtype)).float(), dim=-1)
+            gates = torch.softmax(F.linear(x2, router_weight.to(x.dtype)).float(), dim=-1)
             xs = scale_rows(x2, gates, scale_in, out_dtype=compute_dtype)
             z = F.linear(xs, signs)
             y = scale_rows(z, gates, scale_out, bias, out_dtype=x.dtype)
@@ -169,12 +171,10 @@ class _BinaryMoSFunction(torch.autograd.Function):
         d_xs = dz @ signs
         d_weight = torch.where(weight.abs() <= ctx.clip, (dz.T @ xs).to(weight.dtype), 0.0)
         dx, d_gates_in, d_scale_in = scale_rows_backward(d_xs, x2, gates, scale_in, out_dtype=x2.dtype)
-        d_router = None
-        if gates is not None:  # softmax backward, then the router's product
-            d_gates = d_gates + d_gates_in
-            d_logits = (gates * (d_gates - (gates * d_gates).sum(-1, keepdim=True))).to(x2.dtype)
-            dx = dx.addmm_(d_logits, router_weight.to(x2.dtype))
-            d_router = (d_logits.T @ x2).to(router_weight.dtype)
+        d_gates = d_gates + d_gates_in  # softmax backward, then the router's product
+        d_logits = (gates * (d_gates - (gates * d_gates).sum(-1, keepdim=True))).to(x2.dtype)
+        dx = dx.addmm_(d_logits, router_weight.to(x2.dtype))
+        d_router = (d_logits.T @ x2).to(router_weight.dtype)
         d_bias = dy.sum(0) if ctx.needs_input_grad[5] else None
         return (dx.view(ctx.x_shape), d_weight, d_router, d_scale_in.to(scale_in.dtype),
                 d_scale_out.to(scale_out.dtype), d_bias, None, None)

@@ -36,9 +36,10 @@ every term at once, as this planner first did, was 20.6 % above the measured pea
 LLaMA-2-7B shape (docs/SCALING.md).
 
     A = r * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
-      + sum over linears of (r + a) * (in + out) + 4E
-                                          s_in (r), x*s_in as the matmul's input (a), the matmul's
-                                          output (a), s_out (r), gates
+      + sum over linears of a * (in + out) + 4E
+                                          x*s_in as the matmul's input (a), the matmul's output (a),
+                                          gates (E > 1); autograd of the plain formula (``--compile all``
+                                          traces it) also keeps s_in and s_out: (r + a) * (in + out) + 4E
       + 8h                                two RMSNorms in float32
       + a * (2h + 2kv) + 4 * heads        attention (flash/SDPA): q, k, v, output, log-sum-exp
       + 3r * i                            MLP: gate output, its SiLU, up output
@@ -118,28 +119,30 @@ def count(config, num_experts: int = 4) -> ModelCounts:
         num_experts=num_experts)
 
 
-def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2) -> int:
+def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2, fused_layer: bool = True) -> int:
     """A: bytes autograd keeps per token per decoder layer for the backward (see the module docstring)."""
     h, i, e = c.hidden, c.intermediate, c.num_experts
-    linears = sum((r + a) * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
+    scales = r if e > 1 and not fused_layer else 0  # s_in and s_out: E = 1's are parameters, not activations
+    linears = sum((scales + a) * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
     return r * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * r * i
 
 
 def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2,
-             residual: int | None = None, grad_accum: int = 1, strategy: str = "fsdp") -> dict:
+             residual: int | None = None, grad_accum: int = 1, strategy: str = "fsdp", fused_layer: bool = True) -> dict:
     """Bytes per GPU of each term, and the peak with and without gradient checkpointing.
 
     gpus: the ranks; under strategy "fsdp" they shard the student and the teacher, under "ddp" each
     holds the whole run and keeps its gradients between steps (DDP's buckets). residual: bytes per
     value of the student's residual stream (r); default: 4 when one process holds the whole student
     (float32 masters), a under FSDP2 (bf16 parameters); train's bf16_compute makes it 2 there too.
+    fused_layer: BinaryMoSLinear's own backward (False: autograd of its formula, as ``--compile all``).
     """
     if strategy not in ("fsdp", "ddp"):
         raise ValueError(f"unknown strategy {strategy!r}: use fsdp or ddp")
     w = 1 if strategy == "ddp" else gpus
     t, n = batch * seq_len, c.layers
     r = residual or (4 if w == 1 else a)
-    per_layer = activation_bytes_per_token_layer(c, a, r)
+    per_layer = activation_bytes_per_token_layer(c, a, r, fused_layer)
     terms = {
         "weights": 4 * c.student / w,
         "gradients": 4 * c.trainable / w,

@@ -345,7 +345,8 @@ def planned_memory(cfg: TrainConfig, config, gpus: int = 1, strategy: str = "fsd
     from .plan import count, estimate
 
     return estimate(count(config, cfg.num_experts), gpus, cfg.seq_len, cfg.batch_size,
-                    residual=2 if cfg.bf16_compute else None, grad_accum=cfg.grad_accum, strategy=strategy)
+                    residual=2 if cfg.bf16_compute else None, grad_accum=cfg.grad_accum, strategy=strategy,
+                    fused_layer=cfg.compile != "all")
 
 
 def _fits_gpu(need: int, env: distributed.Env) -> bool:
@@ -440,6 +441,8 @@ def train(cfg: TrainConfig):
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
             parts_sum = torch.zeros(3, device=device)  # loss, kl, hidden: summed on the GPU, read once a step
             for micro in range(cfg.grad_accum):
+                if cfg.compile != "none":  # CUDA graphs (reduce-overhead) may reuse the last pass's output memory
+                    torch.compiler.cudagraph_mark_step_begin()
                 ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                 with torch.no_grad(), autocast:
                     t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))

@@ -53,9 +53,9 @@ def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, ro
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def scale_rows(a: torch.Tensor, gates: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None = None,
+def scale_rows(a: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """a * (gates @ scales) + bias for rows a (M, D), gates (M, E) or None (one expert: scales[0]), scales (E, D).
+    """a * (gates @ scales) + bias for rows a (M, D), gates (M, E), scales (E, D).
 
     The training layer's x * s_in and z * s_out + bias in one pass (``binarymos.kernels.training`` on
     CUDA), computed in float32 (or a's dtype if wider) and returned in ``out_dtype`` (default a's).
@@ -67,12 +67,12 @@ def scale_rows(a: torch.Tensor, gates: torch.Tensor | None, scales: torch.Tensor
     return scale_rows_reference(a, gates, scales, bias, out_dtype)
 
 
-def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Tensor | None, scales: torch.Tensor,
+def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor,
                         out_dtype: torch.dtype | None = None):
     """Gradients of out = a * (gates @ scales) given d out = ``grad`` and ``saved`` = a, each (M, D):
 
-    grad * (gates @ scales) in ``out_dtype`` (default grad's), (grad * saved) @ scales.T (M, E; None
-    without gates) and gates.T @ (grad * saved) (E, D), the last two in float32 or wider.
+    grad * (gates @ scales) in ``out_dtype`` (default grad's), (grad * saved) @ scales.T (M, E) and
+    gates.T @ (grad * saved) (E, D), the last two in float32 or wider.
     """
     if grad.is_cuda and triton_available():
         from .training import scale_rows_backward_triton
@@ -81,14 +81,10 @@ def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Te
     return scale_rows_backward_reference(grad, saved, gates, scales, out_dtype)
 
 
-def _mixed_scales(gates: torch.Tensor | None, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return scales[0].to(dtype) if gates is None else gates.to(dtype) @ scales.to(dtype)
-
-
 def scale_rows_reference(a, gates, scales, bias=None, out_dtype=None) -> torch.Tensor:
     """``scale_rows`` in plain PyTorch (CPU, and where Triton is missing)."""
     acc = torch.promote_types(a.dtype, torch.float32)
-    out = a.to(acc) * _mixed_scales(gates, scales, acc)
+    out = a.to(acc) * (gates.to(acc) @ scales.to(acc))
     if bias is not None:
         out = out + bias.to(acc)
     return out.to(out_dtype or a.dtype)
@@ -97,8 +93,7 @@ def scale_rows_reference(a, gates, scales, bias=None, out_dtype=None) -> torch.T
 def scale_rows_backward_reference(grad, saved, gates, scales, out_dtype=None):
     """``scale_rows_backward`` in plain PyTorch."""
     acc = torch.promote_types(grad.dtype, torch.float32)
-    grad_a = (grad.to(acc) * _mixed_scales(gates, scales, acc)).to(out_dtype or grad.dtype)
+    gates, scales = gates.to(acc), scales.to(acc)
+    grad_a = (grad.to(acc) * (gates @ scales)).to(out_dtype or grad.dtype)
     u = grad.to(acc) * saved.to(acc)
-    if gates is None:
-        return grad_a, None, u.sum(0, keepdim=True)
-    return grad_a, u @ scales.to(acc).T, gates.to(acc).T @ u
+    return grad_a, u @ scales.T, gates.T @ u
