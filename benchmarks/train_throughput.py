@@ -12,8 +12,6 @@ student's blocks on their own:
 - ``teacher``: the frozen teacher's forward (no backward, one static shape);
 - ``teacher+loss``: both;
 - ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead");
-- ``student-graphs``: the teacher as in ``teacher-graphs``, and the student's forward and backward captured as
-  CUDA graphs without inductor (``torch.compile(backend="cudagraphs")``: the formula's ops, replayed);
 - ``formula``: nothing compiled, and the student's BinaryMoS layers as plain autograd ops
   (``BinaryMoSLinear.formula_forward``) instead of the fused training layer (session 8).
 
@@ -34,7 +32,7 @@ from binarymos import train as train_mod
 from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "student-graphs", "formula")
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula")
 
 
 def _patch(variant: str) -> dict:
@@ -44,14 +42,12 @@ def _patch(variant: str) -> dict:
         BinaryMoSLinear.forward = BinaryMoSLinear.formula_forward
     if "loss" in variant:
         train_mod._kl_sum, train_mod.hidden_pair = torch.compile(saved["_kl_sum"]), torch.compile(saved["hidden_pair"])
-    if "teacher" in variant or variant == "student-graphs":
-        mode = "reduce-overhead" if variant.endswith("-graphs") else None
+    if "teacher" in variant:
+        mode = "reduce-overhead" if variant == "teacher-graphs" else None
 
         def prepare(cfg, env=None):
             teacher, student, tokenizer, blocks = saved["prepare"](cfg, env)
             teacher.compile(mode=mode)
-            if variant == "student-graphs":
-                student.compile(backend="cudagraphs")
             return teacher, student, tokenizer, blocks
 
         train_mod.prepare = prepare

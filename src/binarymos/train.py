@@ -441,8 +441,6 @@ def train(cfg: TrainConfig):
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
             parts_sum = torch.zeros(3, device=device)  # loss, kl, hidden: summed on the GPU, read once a step
             for micro in range(cfg.grad_accum):
-                if cfg.compile != "none":  # CUDA graphs (reduce-overhead) may reuse the last pass's output memory
-                    torch.compiler.cudagraph_mark_step_begin()
                 ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                 with torch.no_grad(), autocast:
                     t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
