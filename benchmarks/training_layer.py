@@ -3,10 +3,10 @@ against the same layer as plain autograd ops, for accuracy and time (issue 5).
 
     python benchmarks/training_layer.py --out $OUT/training_layer.md
 
-For SmolLM2-135M's four layer shapes at batch 8 x 2048 tokens, E in {4, 2} (E = 1 always runs the formula),
-bf16 activations (as under --bf16-compute): the relative error of the output and of every gradient against a float64 computation
-of the formula (the sign's gradient passed straight through where |w| <= 1), for both spellings, and
-the median time of one forward + backward (CUDA events, 20 repeats after 5 warm-ups).
+For SmolLM2-135M's four layer shapes at batch 8 x 2048 tokens, E in {4, 2} (E = 1 always runs the
+formula), bf16 activations (as under --bf16-compute): the relative error of the output and of every
+gradient against a float64 computation of the formula (the sign's gradient passed straight through
+where |w| <= 1), for both spellings, and the median time of one forward + backward (CUDA events, 20 repeats after 5 warm-ups).
 """
 from __future__ import annotations
 
