@@ -15,13 +15,11 @@ The plain-PyTorch spelling of the same formulas, and the dispatch, are in ``bina
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _mix, _partial_logits, _round
+from .triton_kernels import _mix, _partial_logits, _round, interpreting
 
 BLOCK_M, BLOCK_D = 32, 128  # rows x columns per program of the forward pass
 BACKWARD_BLOCK_M, BACKWARD_BLOCK_D = 64, 64  # rows per program (each walks the whole row), columns per step
@@ -75,10 +73,6 @@ def _scale_rows_backward_kernel(grad_ptr, saved_ptr, gates_ptr, scales_ptr, grad
     tl.store(grad_gates_ptr + rows[:, None] * E + ce[None, :], grad_gates, mask=(rows[:, None] < M) & (ce[None, :] < E))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def scale_rows_triton(a: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     a = a.contiguous()
@@ -88,7 +82,7 @@ def scale_rows_triton(a: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor
         return out
     _scale_rows_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(D, BLOCK_D))](
         a, gates.float().contiguous(), scales.contiguous(), bias if bias is not None else a, out, M, D, E=E,
-        E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None, INTERPRET=_interpreting(), BLOCK_M=BLOCK_M,
+        E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None, INTERPRET=interpreting(), BLOCK_M=BLOCK_M,
         BLOCK_D=BLOCK_D)
     return out
 
@@ -104,6 +98,6 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
     if M > 0:
         _scale_rows_backward_kernel[(programs,)](
             grad, saved, gates.float().contiguous(), scales.contiguous(), grad_a, grad_gates, partial, M, D, E=E,
-            E_P=triton.next_power_of_2(E), INTERPRET=_interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
+            E_P=triton.next_power_of_2(E), INTERPRET=interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
             BLOCK_D=BACKWARD_BLOCK_D)
     return grad_a, grad_gates, partial.sum(0)

@@ -825,6 +825,11 @@ def _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, commo
         BLOCK_N=SCALE_BLOCK_N, **common)
 
 
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1): no PTX, bf16 rounded by hand."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, out=None):
     in_features = x.shape[-1]
     N, KB = packed_weight.shape
@@ -840,7 +845,7 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out.view(M, N)
     if M == 0:
         return y.reshape(*x.shape[:-1], N)
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter
+    interpret = interpreting()
     common = dict(E=E, E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None)
     if M == 1 and gemv_applies(packed_weight) and (config is None or "BLOCK_W" in config):
         for kernel, grid, args, kwargs in gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y,
