@@ -9,6 +9,7 @@
 #   bash benchmarks/quality_study.sh session teacher     # 1 GPU, ~12 minutes a run: E=4 on real text, and with teacher text
 #   bash benchmarks/quality_study.sh session ab          # 1 GPU, ~15 minutes: the same pair sharing the GPU at once
 #   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
+#   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -50,18 +51,23 @@ a, b = log[min(10, len(log) - 2)], log[-1]
 print(int((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])))
 EOF
 }
-timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES, then evaluate
-    local gpu=$1 run=$W/$2 minutes=$3
-    shift 3
+trained() {  # GPU NAME [train options, a budget among them]: train (or resume), then evaluate
+    local gpu=$1 run=$W/$2
+    shift 2
     if [ ! -d "$run/model" ]; then
         local resume=
         [ -f "$run/checkpoint.pt" ] && resume=--resume
-        CUDA_VISIBLE_DEVICES=$gpu $TRAIN --max-minutes "$minutes" --out "$run" $resume "$@" >> "$run.log" 2>&1
+        CUDA_VISIBLE_DEVICES=$gpu $TRAIN --out "$run" $resume "$@" >> "$run.log" 2>&1
     fi
     if [ -d "$run/model" ] && [ ! -f "$run/eval.json" ]; then
         CUDA_VISIBLE_DEVICES=$gpu $BM eval --model "$run/model" --ppl wikitext2,c4 --json "$run/eval.json" \
             ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$run-eval.log" 2>&1
     fi
+}
+timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES, then evaluate
+    local gpu=$1 name=$2 minutes=$3
+    shift 3
+    trained "$gpu" "$name" --max-minutes "$minutes" "$@"
 }
 best_batch() {  # the options of the sweep run with the lowest WikiText-2 perplexity (batch 8 if none finished)
     python - "$W" <<'EOF'
@@ -238,6 +244,40 @@ lanes-fused)  # what `session fused` runs detached, on one GPU: PROBES (default 
         e1) timed_run 0 e1-b$BATCH-${SHORT}min "$SHORT" $FAST -E 1 ;;
         esac
     done
+    touch "$W/done"
+    ;;
+lanes-study9)  # what `session study9` runs detached, on two GPUs: six E=4 recipes at TOKENS (10 M) each, three at a
+    # time on each GPU (equal tokens, so sharing a GPU favours none), each evaluated on its first EVAL_WINDOWS (40)
+    # windows per set; then the KL to the teacher on training and on held-out text of the real-text run and the
+    # first teacher-text run. GPU 0 first samples the teacher's continuations of real text (cached for its runs).
+    TOKENS=${TOKENS:-10000000}
+    export EVAL_WINDOWS=${EVAL_WINDOWS:-40}
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    RUN="--max-tokens $TOKENS --batch-size 8 --no-grad-checkpointing --bf16-compute"
+    TEXT="--data teacher+c4_wiki --teacher-seq-len 256 --teacher-prompt-len 32 --teacher-batch-size 2048"
+    trained 1 real $RUN &
+    trained 1 blockwise $RUN --blockwise 0.25 &
+    trained 1 kl-only $RUN --hidden-weight 0 &
+    (
+        for n in 16384 4096; do
+            CUDA_VISIBLE_DEVICES=0 python - "$M" "$n" >> "$W/teacher-text.log" 2>&1 <<'EOF'
+import sys, time
+from binarymos.train import TrainConfig, prepare
+t = time.perf_counter()
+blocks = prepare(TrainConfig(model=sys.argv[1], data="teacher+c4_wiki", teacher_samples=int(sys.argv[2]),
+                             teacher_seq_len=256, teacher_prompt_len=32, teacher_batch_size=2048))[3]
+print(f"{sys.argv[2]} continuations of 32 real tokens to 256: {len(blocks)} blocks, {time.perf_counter() - t:.1f} s "
+      "with loading and binarizing")
+EOF
+        done
+        trained 0 text16k $RUN $TEXT --teacher-samples 16384 &
+        trained 0 text4k $RUN $TEXT --teacher-samples 4096 &
+        trained 0 text16k-blockwise $RUN $TEXT --teacher-samples 16384 --blockwise 0.25 &
+        wait
+    ) &
+    wait
+    CUDA_VISIBLE_DEVICES=1 python "$(dirname "$0")/heldout_kl.py" --teacher "$M" --windows 16 \
+        --students "$W/real/model,$W/text16k/model" --out "$W/heldout-kl.md" > "$W/heldout-kl.log" 2>&1
     touch "$W/done"
     ;;
 poll)

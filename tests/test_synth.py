@@ -11,14 +11,16 @@ BOS = SPECIALS.index("<s>")
 
 
 @torch.no_grad()
-def plain_sampling(model, count, seq_len, temperature, seed, bos=None):
+def plain_sampling(model, count, seq_len, temperature, seed, bos=None, prompts=None):
     """The documented contract, one sequence at a time, the whole prefix through the model at every step;
-    with ``bos``, each sequence is that id, the drawn first token, then tokens 2.. sampled by columns 2.."""
+    with ``bos``, each sequence is that id, the drawn first token, then tokens 2.. sampled by columns 2..;
+    with ``prompts``, row i's prompt replaces the drawn token."""
     u = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     starts = list(range(len(SPECIALS), model.config.vocab_size))  # every id of the tiny tokenizer but its specials
     rows = []
     for i in range(count):
-        seq = ([] if bos is None else [bos]) + [starts[int(u[i, 0] * len(starts))]]
+        first = [starts[int(u[i, 0] * len(starts))]] if prompts is None else prompts[i].tolist()
+        seq = ([] if bos is None else [bos]) + first
         for t in range(len(seq), seq_len):
             logits = model(torch.tensor([seq])).logits[0, -1].float()
             if temperature == 0:
@@ -47,6 +49,49 @@ def test_a_gemma_teachers_sequences_start_with_its_bos(temperature, cache):
                        cache=cache)
     assert ids[:, 0].tolist() == [BOS] * 5 and (ids[:, 1] >= len(SPECIALS)).all()
     assert torch.equal(ids, plain_sampling(model, 5, 12, temperature, seed=7, bos=BOS))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("arch, bos", [("llama", None), ("gemma3_text", BOS)])
+def test_prompted_sequences_continue_their_prompts_as_a_plain_loop_does(arch, bos, cache):
+    model = tiny_lm(arch)
+    prompts = torch.randint(len(SPECIALS), model.config.vocab_size, (5, 4), generator=torch.Generator().manual_seed(1))
+    ids = synth.sample(model, tiny_tokenizer(), count=5, seq_len=12, temperature=0.8, seed=7, batch_size=2,
+                       cache=cache, prompts=prompts)
+    start = 0 if bos is None else 1
+    assert torch.equal(ids[:, start:start + 4], prompts)
+    assert torch.equal(ids, plain_sampling(model, 5, 12, 0.8, seed=7, bos=bos, prompts=prompts))
+    with pytest.raises(ValueError, match="prompts"):
+        synth.sample(model, tiny_tokenizer(), count=5, seq_len=4 + start, prompts=prompts)
+
+
+def test_prompt_windows_are_seeded_runs_of_real_text_past_the_bos():
+    blocks = torch.arange(40).reshape(4, 10)  # each row's first id stands for its BOS
+    windows = synth.prompt_windows(blocks, count=50, length=3, seed=2, bos_token_id=0)
+    assert windows.shape == (50, 3) and torch.equal(windows, synth.prompt_windows(blocks, 50, 3, seed=2, bos_token_id=0))
+    assert ((windows[:, 1:] - windows[:, :-1]) == 1).all() and (windows % 10 != 0).all()  # contiguous, no BOS column
+    assert len({tuple(w) for w in windows.tolist()}) > 10  # spread over blocks and offsets
+    assert synth.prompt_windows(blocks, 50, 10, seed=2).tolist() == [r.tolist() for r in blocks[
+        torch.randint(4, (50, 1), generator=torch.Generator().manual_seed(2)).squeeze(1)]]  # whole blocks without a BOS
+    with pytest.raises(DataError, match="does not fit"):
+        synth.prompt_windows(blocks, 5, 10, bos_token_id=0)
+
+
+def test_training_on_teacher_text_that_continues_the_real_text(teacher_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path))
+    base = dict(model=str(teacher_dir), seq_len=16, device="cpu", out=str(tmp_path / "run"))
+    real = prepare(TrainConfig(data=str(text_file), **base))[3]
+    mixed = prepare(TrainConfig(data=f"teacher+{text_file}", teacher_samples=6, teacher_seq_len=24,
+                                teacher_prompt_len=5, **base))[3]
+    prompts = synth.prompt_windows(real, 6, 5, seed=0)
+    assert torch.equal(mixed[:len(real)], real)
+    assert torch.equal(mixed[len(real):].reshape(6, 24), plain_sampling(tiny_lm("llama"), 6, 24, 1.0, seed=0,
+                                                                       prompts=prompts))
+    assert len(list((tmp_path / "teacher").iterdir())) == 1
+    prepare(TrainConfig(data=f"teacher+{text_file}", teacher_samples=6, teacher_seq_len=24, **base))
+    assert len(list((tmp_path / "teacher").iterdir())) == 2  # unprompted text has a cache file of its own
+    with pytest.raises(DataError, match="teacher\\+SOURCE"):
+        prepare(TrainConfig(data="teacher", teacher_prompt_len=5, **base))
 
 
 def test_an_unknown_cache_is_refused():

@@ -258,3 +258,75 @@ def test_compile_compiles_student_and_teacher_and_trains_the_same_weights(teache
     assert len(compiled) == 1 and student._compiled_call_impl is None  # the teacher alone
     with pytest.raises(ValueError, match="compile must be one of none, teacher, all"):
         TrainConfig(compile="student")
+
+
+def three_block_pair(model_type="llama"):
+    """A tiny teacher of three blocks and a copy of it whose first block's weights are perturbed."""
+    import copy
+
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    config.num_hidden_layers = 3
+    if getattr(config, "layer_types", None):  # Gemma: one attention type per block
+        config.layer_types = config.layer_types[:1] * 3
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.model.layers[0].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return teacher, student
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_teacher_forced_blocks_feed_each_student_block_the_teachers_input(model_type):
+    from binarymos.train import TeacherForcedBlocks
+
+    teacher, student = three_block_pair(model_type)
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        reference = teacher(input_ids=ids, output_hidden_states=True).hidden_states  # inputs of blocks 0, 1, 2
+        free = student(input_ids=ids, output_hidden_states=True).hidden_states
+        with TeacherForcedBlocks(teacher, student) as forced:
+            t_out, s_out = teacher(input_ids=ids), student(input_ids=ids)
+            s_pairs, t_pairs = forced.outputs(s_out, t_out)
+    assert len(s_pairs.hidden_states) == len(t_pairs.hidden_states) == 4 and s_pairs.logits is s_out.logits
+    for i in (0, 1):  # the teacher's block outputs are its next blocks' inputs
+        torch.testing.assert_close(t_pairs.hidden_states[i + 1], reference[i + 1])
+    assert not torch.allclose(free[2], reference[2], atol=1e-3)  # the perturbed first block's error runs on freely
+    assert not torch.allclose(s_pairs.hidden_states[1], t_pairs.hidden_states[1], atol=1e-3)  # block 0 differs
+    for i in (2, 3):  # blocks 1 and 2 are the teacher's, fed the teacher's inputs: the teacher's outputs
+        torch.testing.assert_close(s_pairs.hidden_states[i], t_pairs.hidden_states[i])
+    with torch.no_grad():  # the hooks are gone after the block
+        torch.testing.assert_close(student(input_ids=ids, output_hidden_states=True).hidden_states[2], free[2])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_teacher_forced_blocks_keep_each_blocks_gradient_to_its_own_output(checkpointing):
+    from binarymos.train import TeacherForcedBlocks
+
+    teacher, student = three_block_pair()
+    student.train()
+    if checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 100, (2, 12))
+    with TeacherForcedBlocks(teacher, student) as forced:
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids)
+        s_pairs, _ = forced.outputs(student(input_ids=ids), t_out)
+        s_pairs.hidden_states[2].pow(2).sum().backward()  # a loss on block 1's output alone
+    grads = [[p.grad for p in block.parameters()] for block in student.model.layers]
+    assert all(g is None for g in grads[0] + grads[2])  # nothing flows into the block before or after
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[1])
+
+
+def test_blockwise_trains_block_by_block_then_end_to_end(teacher_dir, text_file, tmp_path):
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=4, blockwise=0.5))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("blockwise", False) for r in log] == [True, True, False, False]
+    assert all(math.isfinite(r["loss"]) and r["hidden"] > 0 for r in log)
+    for bad in (dict(blockwise=1.5), dict(blockwise=0.5, hidden_weight=0.0), dict(blockwise=0.5, compile="teacher")):
+        with pytest.raises(ValueError, match="blockwise"):
+            TrainConfig(**bad)

@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-seq-len", type=int, default=None, help="their length in tokens (default: --seq-len)")
     p.add_argument("--teacher-temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy")
     p.add_argument("--teacher-batch-size", type=int, default=64, help="sequences generated at once")
+    p.add_argument("--teacher-prompt-len", type=int, default=0,
+                   help="with teacher+SOURCE: each sequence continues this many tokens of the real text (default 0: "
+                        "one random token)")
     p.add_argument("--out", default="runs/binarymos", help="run directory (checkpoint, log, model)")
     p.add_argument("--method", default="mos", choices=["mos"], help="mos: BinaryMoS (E=1 is OneBit)")
     p.add_argument("--num-experts", "-E", type=int, default=4, help="scaling experts per layer (1 = OneBit)")
@@ -283,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the routers' normal init")
     p.add_argument("--ste-clip", type=float, default=1.0, help="sign gradient passes where |w| <= this")
+    p.add_argument("--blockwise", type=float, default=0.0,
+                   help="fraction of the budget trained block by block first (each student block computes from the "
+                        "teacher's input to it), then end to end (default 0)")
     p.add_argument("--compile", nargs="?", const="all", default="none", choices=["none", "teacher", "all"],
                    help="torch.compile the teacher (~30 s, +13 %% tokens/s measured at E=4) or, bare or 'all', the "
                         "student too (for long runs: compilation takes minutes)")

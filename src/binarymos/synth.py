@@ -1,14 +1,15 @@
 """Training text sampled from the teacher itself (as OneBit and LLM-QAT did), cached on disk.
 
 Real text runs out (about 1.3 M tokens offline); the teacher can write as much as the budget asks.
-Each sequence starts with a token drawn uniformly from the vocabulary (special tokens excluded)
-and continues with tokens sampled from softmax(logits / temperature); temperature 0 is greedy.
-For models that need a BOS at the start of their input (Gemma, data.needs_bos) that BOS comes
-first, then the drawn token.
+Each sequence starts with a token drawn uniformly from the vocabulary (special tokens excluded),
+or with a window of real text (``prompts``: the teacher then continues real text, which keeps its
+writing near the text the evaluation measures), and continues with tokens sampled from
+softmax(logits / temperature); temperature 0 is greedy. For models that need a BOS at the start of
+their input (Gemma, data.needs_bos) that BOS comes first.
 
 All randomness comes from one table of uniforms, ``torch.rand(count, seq_len)`` of a CPU generator
 seeded with ``seed``: column 0 picks the drawn first token, column t the token at position t by
-inverse CDF (with a BOS, column 1 goes unused). So sequence i depends on (model, seed, temperature,
+inverse CDF (columns of the BOS and of a prompt go unused). So sequence i depends on (model, seed, temperature,
 length) only, not on the batch it was generated in, and a plain loop can reproduce it
 (tests/test_synth.py does).
 
@@ -112,23 +113,40 @@ def _static_cache_steps(model, first_ids: torch.Tensor, seq_len: int, graph: boo
         ids.copy_((yield logits))
 
 
+def prompt_windows(blocks: torch.Tensor, count: int, length: int, seed: int = 0,
+                   bos_token_id: int | None = None) -> torch.Tensor:
+    """(count, length) windows of real text for the teacher to continue: each from a seeded random block
+    (rows of ``blocks``, as data.token_blocks cuts them) at a seeded random offset past the block's BOS."""
+    first = 0 if bos_token_id is None else 1
+    if not 1 <= length <= blocks.shape[1] - first:
+        raise DataError(f"a prompt of {length} tokens does not fit in blocks of {blocks.shape[1] - first} tokens of text")
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(len(blocks), (count, 1), generator=generator)
+    offsets = torch.randint(first, blocks.shape[1] - length + 1, (count, 1), generator=generator)
+    return blocks[rows, offsets + torch.arange(length)]
+
+
 @torch.no_grad()
 def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0, seed: int = 0,
-           batch_size: int = 64, cache: str | None = None) -> torch.Tensor:
+           batch_size: int = 64, cache: str | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
     """(count, seq_len) token ids written by ``model``, batch by batch on its device, with a KV cache.
 
     ``cache``: "dynamic" (transformers' default cache), "static", or "graph" (static, each step a CUDA graph
     replay, captured once per batch); None: "graph" on a GPU, "dynamic" elsewhere.
+    ``prompts``: (count, P) ids each sequence starts with (after the BOS) instead of one drawn token.
     """
     if count < 1 or seq_len < 2 or temperature < 0 or batch_size < 1:
         raise ValueError("teacher text needs count >= 1, seq_len >= 2, temperature >= 0 and batch size >= 1")
+    bos = leading_bos(model.config, tokenizer)
+    if prompts is not None and (len(prompts) != count or prompts.shape[1] + (bos is not None) >= seq_len):
+        raise ValueError(f"prompts must be {count} rows shorter than the {seq_len}-token sequences, "
+                         f"got {tuple(prompts.shape)}")
     device = next(model.parameters()).device
     cache = cache or ("graph" if device.type == "cuda" else "dynamic")
     if cache not in ("dynamic", "static", "graph"):
         raise ValueError(f"cache must be dynamic, static or graph, got {cache!r}")
     uniforms = torch.rand(count, seq_len, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     starts = first_token_ids(tokenizer, model.config.get_text_config().vocab_size)
-    bos = leading_bos(model.config, tokenizer)
     out = torch.empty(count, seq_len, dtype=torch.long)
     was_training = model.training
     model.eval()
@@ -137,9 +155,10 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         for lo in range(0, count, batch_size):
             u = uniforms[lo:lo + batch_size].to(device)
-            ids = starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1)
+            ids = (starts.to(device)[(u[:, 0] * len(starts)).long()].unsqueeze(1) if prompts is None
+                   else prompts[lo:lo + batch_size].to(device))
             if bos is not None:
-                ids = torch.cat([torch.full_like(ids, bos), ids], 1)
+                ids = torch.cat([torch.full_like(ids[:, :1], bos), ids], 1)
             seqs = [ids]
             steps = (_dynamic_cache_steps(model, ids, seq_len) if cache == "dynamic"
                      else _static_cache_steps(model, ids, seq_len, graph=cache == "graph"))
@@ -158,33 +177,36 @@ def sample(model, tokenizer, count: int, seq_len: int, temperature: float = 1.0,
 
 
 def cache_path(model_name: str, count: int, seq_len: int, temperature: float, seed: int, dtype: torch.dtype,
-               bos_token_id: int | None = None) -> Path:
+               bos_token_id: int | None = None, prompts: torch.Tensor | None = None) -> Path:
     """Where the sequences of one setting live: $BINARYMOS_CACHE/teacher/<model>-<hash of the setting>.pt.
 
-    The key holds the leading BOS only where there is one, so that sequences sampled before models got a
-    BOS are not read back for them, while the caches of models without one stay valid.
+    The key holds the leading BOS and the prompts (a digest of their ids) only where there are some, so that
+    the caches written before either existed stay valid for the settings they were written for.
     """
     source = resolve(model_name)
     key = {"model": str(Path(source).resolve()) if isinstance(source, Path) else source, "count": count,
            "seq_len": seq_len, "temperature": float(temperature), "seed": seed, "dtype": str(dtype), "version": 1}
     if bos_token_id is not None:
         key["bos"] = bos_token_id
+    if prompts is not None:
+        key["prompts"] = hashlib.sha1(prompts.to(torch.int64).numpy().tobytes()).hexdigest()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return _cache_dir() / "teacher" / f"{Path(str(model_name)).name}-{digest}.pt"
 
 
 def teacher_tokens(model, tokenizer, model_name: str, count: int, seq_len: int, temperature: float = 1.0,
-                   seed: int = 0, batch_size: int = 64) -> torch.Tensor:
+                   seed: int = 0, batch_size: int = 64, prompts: torch.Tensor | None = None) -> torch.Tensor:
     """``sample``'s sequences, read from the cache when this setting was generated before, else generated and cached.
 
     The cache file is written to a temporary name and renamed, so a killed or concurrent run never
     leaves a torn file. The key includes the model's dtype (bf16 on a GPU samples other text than fp32).
     """
     dtype = next(model.parameters()).dtype
-    path = cache_path(model_name, count, seq_len, temperature, seed, dtype, leading_bos(model.config, tokenizer))
+    path = cache_path(model_name, count, seq_len, temperature, seed, dtype, leading_bos(model.config, tokenizer),
+                      prompts)
     if path.exists():
         return torch.load(path, weights_only=True)["ids"].long()
-    ids = sample(model, tokenizer, count, seq_len, temperature, seed, batch_size)
+    ids = sample(model, tokenizer, count, seq_len, temperature, seed, batch_size, prompts=prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"ids": ids.to(torch.int32), "model": model_name, "temperature": temperature, "seed": seed}, tmp)

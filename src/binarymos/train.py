@@ -2,6 +2,9 @@
 
     loss = kl_weight * KL(p_teacher || p_student) + hidden_weight * hidden-state MSE over decoder layers
 
+With ``blockwise`` > 0 the first part of the budget feeds every student block the teacher's input to that
+block (TeacherForcedBlocks): the hidden-state terms are then each block's own error.
+
 Recipes fill in what the user did not set: ``paper`` is the authors' setting (KL ``batchmean``,
 lambda 10 on unnormalised MSE, AdamW lr 2e-5, cosine, 3 % warm-up); ``default`` is ours, tuned
 for small budgets (docs/RESULTS.md says how it was measured).
@@ -29,6 +32,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +40,11 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import distributed
-from .convert import BinaryMoSConfig, binarize
-from .data import DEFAULT_DATA, documents, leading_bos, token_blocks
+from .convert import BinaryMoSConfig, binarize, decoder_blocks
+from .data import DEFAULT_DATA, DataError, documents, leading_bos, token_blocks
 from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
-from .synth import as_blocks, split_data, teacher_tokens
+from .synth import as_blocks, prompt_windows, split_data, teacher_tokens
 
 RECIPES = {
     "default": dict(lr_weight=2e-4, lr_scale=1e-2, kl_reduction="token", hidden_weight=1.0,
@@ -103,10 +107,14 @@ class TrainConfig:
     teacher_seq_len: int | None = None  # None: seq_len
     teacher_temperature: float = 1.0
     teacher_batch_size: int = 64
+    teacher_prompt_len: int = 0  # > 0: each sequence continues a window of this many real tokens (teacher+SOURCE)
     # recipe levers (defaults keep the measured recipe)
     train_norms: bool = False       # also train the norms' weights, at lr_scale
     router_init_std: float = 0.02
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
+    # fraction of the budget trained block by block first: every student block computes from the teacher's
+    # input to it (TeacherForcedBlocks), then end to end
+    blockwise: float = 0.0
     # "teacher": torch.compile the frozen teacher's forward (one process on a GPU: with CUDA graphs), ~30 s to compile,
     # +13 % tokens/s at E=4 (SmolLM2, one H100, docs/RESULTS.md); "all": the student too (minutes to compile)
     compile: str = "none"
@@ -141,10 +149,17 @@ class TrainConfig:
             raise ValueError("max_minutes must be > 0")
         if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
             raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
+        if self.teacher_prompt_len < 0:
+            raise ValueError("teacher_prompt_len must be >= 0")
         if isinstance(self.compile, bool):  # configs written before compile took a scope
             self.compile = "all" if self.compile else "none"
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile!r}")
+        if not 0 <= self.blockwise <= 1:
+            raise ValueError(f"blockwise must be a fraction of the budget in [0, 1], got {self.blockwise}")
+        if self.blockwise and (not self.hidden_weight or self.compile != "none"):
+            raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
+                             "compile none (its hooks change each step's graph)")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
@@ -192,6 +207,65 @@ def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch
             hidden = hidden / len(pairs)
     loss = cfg.kl_weight * kl + cfg.hidden_weight * hidden
     return loss, {"kl": kl.detach(), "hidden": hidden.detach()}
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # older transformers return (hidden, ...)
+
+
+class TeacherForcedBlocks:
+    """Block-wise distillation, all blocks at once: while inside ``with``, each decoder block of the student
+    computes from the teacher's input to that block instead of its own predecessor's output, so every block
+    learns to reproduce its teacher block without the errors of the blocks before it (EfficientQAT's block-wise
+    phase, trained in one pass). The hooks stay until the backward is done, because gradient checkpointing
+    recomputes the blocks there. ``outputs`` gives the two models' block outputs as ``hidden_states[1:]``, the
+    layout distillation_loss reads.
+    """
+
+    def __init__(self, teacher, student):
+        self.teacher_in, self.teacher_out, self.student_out = {}, {}, {}
+        self._models = (distributed.unwrap(teacher), distributed.unwrap(student))
+
+    def __enter__(self):
+        (_, teacher_blocks), (_, student_blocks) = (decoder_blocks(m) for m in self._models)
+        self._handles = []
+        for i, (t_block, s_block) in enumerate(zip(teacher_blocks, student_blocks)):
+            self._handles += [t_block.register_forward_pre_hook(self._keeper(self.teacher_in, i), with_kwargs=True),
+                              t_block.register_forward_hook(self._output_keeper(self.teacher_out, i)),
+                              s_block.register_forward_pre_hook(self._replacer(i), with_kwargs=True),
+                              s_block.register_forward_hook(self._output_keeper(self.student_out, i))]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        for store in (self.teacher_in, self.teacher_out, self.student_out):
+            store.clear()  # the next micro-batch's forward must not find these still alive
+
+    @staticmethod
+    def _keeper(store, i):
+        def keep(module, args, kwargs):
+            store[i] = args[0] if args else kwargs["hidden_states"]
+        return keep
+
+    @staticmethod
+    def _output_keeper(store, i):
+        def keep(module, args, output):
+            store[i] = _block_output(output)
+        return keep
+
+    def _replacer(self, i):
+        def replace_input(module, args, kwargs):
+            own = args[0] if args else kwargs["hidden_states"]
+            forced = self.teacher_in[i].to(own.dtype)
+            return ((forced, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": forced})
+        return replace_input
+
+    def outputs(self, student_out, teacher_out):
+        """(student, teacher) outputs whose hidden_states[1:] are the blocks' outputs, in block order."""
+        blocks = range(len(self.teacher_out))
+        return tuple(SimpleNamespace(logits=out.logits, hidden_states=[None] + [store[i] for i in blocks])
+                     for out, store in ((student_out, self.student_out), (teacher_out, self.teacher_out)))
 
 
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
@@ -310,9 +384,13 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
     if from_teacher:  # sampled by rank 0 on its device, before the teacher is sharded and compiled
+        if cfg.teacher_prompt_len and not real:
+            raise DataError("teacher_prompt_len: the teacher continues real text; use --data teacher+SOURCE")
+        prompts = prompt_windows(blocks[0], cfg.teacher_samples, cfg.teacher_prompt_len, cfg.seed, bos) \
+            if cfg.teacher_prompt_len else None
         ids = teacher_tokens(teacher.to(device), tokenizer, cfg.model, cfg.teacher_samples,
                              cfg.teacher_seq_len or cfg.seq_len, cfg.teacher_temperature, cfg.seed,
-                             cfg.teacher_batch_size) if env.is_main else None
+                             cfg.teacher_batch_size, prompts) if env.is_main else None
         blocks.append(as_blocks(env.from_main(ids), cfg.seq_len, bos))
     blocks = torch.cat(blocks)
     student.requires_grad_(False)
@@ -439,16 +517,21 @@ def train(cfg: TrainConfig):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
+            # the first `blockwise` of the budget block by block, the rest end to end
+            blockwise = (step / steps if steps else clock["seconds"] / budget) < cfg.blockwise
+            hidden_states = bool(cfg.hidden_weight) and not blockwise  # block-wise: the hooks keep the blocks' outputs
             parts_sum = torch.zeros(3, device=device)  # loss, kl, hidden: summed on the GPU, read once a step
             for micro in range(cfg.grad_accum):
                 ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
-                with torch.no_grad(), autocast:
-                    t_out = teacher(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
                 # DDP averages the gradients once per step, in the last micro-batch's backward
-                with student.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext():
+                with (TeacherForcedBlocks(teacher, student) if blockwise else nullcontext()) as forced, \
+                        student.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext():
+                    with torch.no_grad(), autocast:
+                        t_out = teacher(input_ids=ids, output_hidden_states=hidden_states)
                     with autocast:
-                        s_out = student(input_ids=ids, output_hidden_states=bool(cfg.hidden_weight))
-                    loss, parts = distillation_loss(s_out, t_out, cfg)
+                        s_out = student(input_ids=ids, output_hidden_states=hidden_states)
+                    loss, parts = distillation_loss(*(forced.outputs(s_out, t_out) if blockwise else (s_out, t_out)),
+                                                    cfg)
                     (loss / cfg.grad_accum).backward()
                 parts_sum += torch.stack([loss.detach(), parts["kl"], parts["hidden"]]) / cfg.grad_accum
                 del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
@@ -472,6 +555,7 @@ def train(cfg: TrainConfig):
             rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
             unlogged = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
                         "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
+                        **({"blockwise": True} if blockwise else {}),
                         "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
             if step % cfg.log_every == 0 or last:
                 log.write(json.dumps(unlogged) + "\n")
