@@ -161,7 +161,7 @@ lanes-bf16)  # what `session bf16` runs detached, on one GPU
     python -c "from binarymos.models import loadable; loadable('$M')"
     timed_run 0 e4-fp32-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing
     timed_run 0 e4-bf16-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute
-    timed_run 0 e4-bf16-compile-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute --compile
+    timed_run 0 e4-bf16-compile-${BF}min "$BF" --batch-size 8 --no-grad-checkpointing --bf16-compute --compile --blockwise 0
     touch "$W/done"
     ;;
 lanes-throughput)  # what `session throughput` runs detached, on one GPU: sampling with each KV cache, then training
@@ -185,7 +185,7 @@ lanes-teacher)  # what `session teacher` runs detached, on one GPU: teacher samp
     B=$(dirname "$0")
     [ -f "$W/sampling-512.md" ] || python "$B/sampling_speed.py" --model "$M" --caches dynamic,graph --seq-len 512 \
         --out "$W/sampling-512.md" > "$W/sampling-512.log" 2>&1
-    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
+    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher --blockwise 0"
     for run in ${RUNS:-real teacher}; do
         case $run in
         real) timed_run 0 e4-bf16-teacher-compiled-${SHORT}min "$SHORT" $FAST ;;
@@ -212,7 +212,7 @@ t = time.perf_counter()
 ids = teacher_tokens(model, tokenizer, sys.argv[1], int(sys.argv[2]), 2048, 1.0, 0, 256)
 print(f"teacher text: {ids.numel():,} tokens in {time.perf_counter() - t:.1f} s")
 EOF
-    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher"
+    FAST="--batch-size 8 --no-grad-checkpointing --bf16-compute --compile teacher --blockwise 0"
     timed_run 0 ab-real-${SHORT}min "$SHORT" $FAST &
     timed_run 0 ab-teacher-${N}-${SHORT}min "$SHORT" $FAST --data teacher+c4_wiki --teacher-samples "$N" \
         --teacher-batch-size 256 &
@@ -309,7 +309,7 @@ probe)
     CUDA_VISIBLE_DEVICES=0 $P --out "$W/probe-ckpt" --batch-size 2 --grad-checkpointing > "$W/probe-ckpt.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 $P --out "$W/probe-nockpt" --batch-size 2 --no-grad-checkpointing > "$W/probe-nockpt.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=2 $P --out "$W/probe-b4" --batch-size 4 --no-grad-checkpointing > "$W/probe-b4.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=3 $P --out "$W/probe-compile" --batch-size 2 --no-grad-checkpointing --compile \
+    CUDA_VISIBLE_DEVICES=3 $P --out "$W/probe-compile" --batch-size 2 --no-grad-checkpointing --compile --blockwise 0 \
         > "$W/probe-compile.log" 2>&1 &
     wait
     for r in ckpt nockpt b4 compile; do echo "probe-$r $(rate "$W/probe-$r" || echo failed)"; done | tee "$W/probe.txt"

@@ -48,7 +48,7 @@ def test_loss_matches_formula():
 def test_paper_recipe_is_the_authors_setting():
     paper = TrainConfig(recipe="paper")
     assert (paper.lr_weight, paper.lr_scale, paper.kl_reduction, paper.hidden_weight, paper.hidden_norm,
-            paper.warmup, paper.batch_size) == (2e-5, 2e-5, "batchmean", 10.0, "none", 0.03, 4)
+            paper.warmup, paper.batch_size, paper.blockwise) == (2e-5, 2e-5, "batchmean", 10.0, "none", 0.03, 4, 0.0)
     assert TrainConfig(recipe="paper", lr_weight=1e-3).lr_weight == 1e-3  # explicit options win
 
 
@@ -244,9 +244,9 @@ def test_compile_compiles_student_and_teacher_and_trains_the_same_weights(teache
         return real_compile(fn, *args, **{**kwargs, "backend": "aot_eager"})
 
     monkeypatch.setattr(torch, "compile", traced)
-    plain = trainable(train(cfg(teacher_dir, text_file, tmp_path / "plain", max_steps=2)))
+    plain = trainable(train(cfg(teacher_dir, text_file, tmp_path / "plain", max_steps=2, blockwise=0)))
     assert compiled == []
-    student = train(cfg(teacher_dir, text_file, tmp_path / "compiled", max_steps=2, compile=True))
+    student = train(cfg(teacher_dir, text_file, tmp_path / "compiled", max_steps=2, compile=True, blockwise=0))
     assert len(compiled) == 2 and student._compiled_call_impl is not None  # the teacher and the student
     weights = trainable(student)
     assert weights.keys() == plain.keys()  # compiled in place: parameter names unchanged
@@ -254,7 +254,7 @@ def test_compile_compiles_student_and_teacher_and_trains_the_same_weights(teache
     # (up to 3e-4 seen): 1e-3 is a tenth of one step at lr_scale 1e-2, far below what a wrong gradient moves
     assert all(torch.allclose(plain[n], weights[n], atol=1e-3) for n in plain)
     compiled.clear()
-    student = train(cfg(teacher_dir, text_file, tmp_path / "teacher", max_steps=1, compile="teacher"))
+    student = train(cfg(teacher_dir, text_file, tmp_path / "teacher", max_steps=1, compile="teacher", blockwise=0))
     assert len(compiled) == 1 and student._compiled_call_impl is None  # the teacher alone
     with pytest.raises(ValueError, match="compile must be one of none, teacher, all"):
         TrainConfig(compile="student")

@@ -286,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the routers' normal init")
     p.add_argument("--ste-clip", type=float, default=1.0, help="sign gradient passes where |w| <= this")
-    p.add_argument("--blockwise", type=float, default=0.0,
+    p.add_argument("--blockwise", type=float, default=None,
                    help="fraction of the budget trained block by block first (each student block computes from the "
-                        "teacher's input to it), then end to end (default 0)")
+                        "teacher's input to it), then end to end (default: the recipe's, 0.25; --compile needs 0)")
     p.add_argument("--compile", nargs="?", const="all", default="none", choices=["none", "teacher", "all"],
                    help="torch.compile the teacher (~30 s, +13 %% tokens/s measured at E=4) or, bare or 'all', the "
                         "student too (for long runs: compilation takes minutes)")

@@ -7,7 +7,7 @@ block (TeacherForcedBlocks): the hidden-state terms are then each block's own er
 
 Recipes fill in what the user did not set: ``paper`` is the authors' setting (KL ``batchmean``,
 lambda 10 on unnormalised MSE, AdamW lr 2e-5, cosine, 3 % warm-up); ``default`` is ours, tuned
-for small budgets (docs/RESULTS.md says how it was measured).
+for small budgets, its first quarter block-wise (docs/RESULTS.md says how it was measured).
 
 A run directory holds ``train_config.json``, ``log.jsonl`` (one line per logged step),
 ``checkpoint.pt`` (written atomically every ``save_every`` steps, and when the process gets SIGTERM;
@@ -48,9 +48,9 @@ from .synth import as_blocks, prompt_windows, split_data, teacher_tokens
 
 RECIPES = {
     "default": dict(lr_weight=2e-4, lr_scale=1e-2, kl_reduction="token", hidden_weight=1.0,
-                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0, batch_size=8),
+                    hidden_norm="teacher", warmup=0.03, weight_decay=0.0, batch_size=8, blockwise=0.25),
     "paper": dict(lr_weight=2e-5, lr_scale=2e-5, kl_reduction="batchmean", hidden_weight=10.0,
-                  hidden_norm="none", warmup=0.03, weight_decay=0.0, batch_size=4),
+                  hidden_norm="none", warmup=0.03, weight_decay=0.0, batch_size=4, blockwise=0.0),
 }
 
 
@@ -113,8 +113,8 @@ class TrainConfig:
     router_init_std: float = 0.02
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
     # fraction of the budget trained block by block first: every student block computes from the teacher's
-    # input to it (TeacherForcedBlocks), then end to end
-    blockwise: float = 0.0
+    # input to it (TeacherForcedBlocks), then end to end; None: the recipe's (default 0.25, paper 0)
+    blockwise: float | None = None
     # "teacher": torch.compile the frozen teacher's forward (one process on a GPU: with CUDA graphs), ~30 s to compile,
     # +13 % tokens/s at E=4 (SmolLM2, one H100, docs/RESULTS.md); "all": the student too (minutes to compile)
     compile: str = "none"
@@ -159,7 +159,7 @@ class TrainConfig:
             raise ValueError(f"blockwise must be a fraction of the budget in [0, 1], got {self.blockwise}")
         if self.blockwise and (not self.hidden_weight or self.compile != "none"):
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
-                             "compile none (its hooks change each step's graph)")
+                             "compile none (its hooks change each step's graph): set blockwise 0 for either")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
