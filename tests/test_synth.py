@@ -68,7 +68,8 @@ def test_prompted_sequences_continue_their_prompts_as_a_plain_loop_does(arch, bo
 def test_prompt_windows_are_seeded_runs_of_real_text_past_the_bos():
     blocks = torch.arange(40).reshape(4, 10)  # each row's first id stands for its BOS
     windows = synth.prompt_windows(blocks, count=50, length=3, seed=2, bos_token_id=0)
-    assert windows.shape == (50, 3) and torch.equal(windows, synth.prompt_windows(blocks, 50, 3, seed=2, bos_token_id=0))
+    assert windows.shape == (50, 3)
+    assert torch.equal(windows, synth.prompt_windows(blocks, 50, 3, seed=2, bos_token_id=0))  # seeded
     assert ((windows[:, 1:] - windows[:, :-1]) == 1).all() and (windows % 10 != 0).all()  # contiguous, no BOS column
     assert len({tuple(w) for w in windows.tolist()}) > 10  # spread over blocks and offsets
     assert synth.prompt_windows(blocks, 50, 10, seed=2).tolist() == [r.tolist() for r in blocks[

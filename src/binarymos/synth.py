@@ -9,9 +9,9 @@ their input (Gemma, data.needs_bos) that BOS comes first.
 
 All randomness comes from one table of uniforms, ``torch.rand(count, seq_len)`` of a CPU generator
 seeded with ``seed``: column 0 picks the drawn first token, column t the token at position t by
-inverse CDF (columns of the BOS and of a prompt go unused). So sequence i depends on (model, seed, temperature,
-length) only, not on the batch it was generated in, and a plain loop can reproduce it
-(tests/test_synth.py does).
+inverse CDF (columns of the BOS and of a prompt go unused). So sequence i depends on (model, seed,
+temperature, length, its prompt) only, not on the batch it was generated in, and a plain loop can
+reproduce it (tests/test_synth.py does).
 
 ``--data teacher`` trains on these sequences alone; ``--data teacher+c4_wiki`` adds real text.
 """
@@ -119,7 +119,8 @@ def prompt_windows(blocks: torch.Tensor, count: int, length: int, seed: int = 0,
     (rows of ``blocks``, as data.token_blocks cuts them) at a seeded random offset past the block's BOS."""
     first = 0 if bos_token_id is None else 1
     if not 1 <= length <= blocks.shape[1] - first:
-        raise DataError(f"a prompt of {length} tokens does not fit in blocks of {blocks.shape[1] - first} tokens of text")
+        raise DataError(f"a prompt of {length} tokens does not fit in blocks of {blocks.shape[1] - first} "
+                        "tokens of text")
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randint(len(blocks), (count, 1), generator=generator)
     offsets = torch.randint(first, blocks.shape[1] - length + 1, (count, 1), generator=generator)
