@@ -209,8 +209,10 @@ def variant(cfg: dict) -> str:
     return "router launch + PDL" if cfg.get("PDL") else "router launch, no PDL"
 
 
-def sweep(shapes, ms, device) -> list[tuple]:
-    """CUDA-graph time and error of every tile config, per shape and M; returns (shape, M, config, us) rows."""
+def sweep(shapes, ms, device, decode_configs: int | None = None) -> list[tuple]:
+    """CUDA-graph time and error of every tile config, per shape and M; returns (shape, M, config, us) rows.
+    For 2 <= M <= 16: the default tile with PDL off and on, then DECODE_SWEEP's tiles (PDL off), the first
+    ``decode_configs`` of these (None: all)."""
     rows = []
     for in_f, out_f in shapes:
         for m in ms:
@@ -219,7 +221,8 @@ def sweep(shapes, ms, device) -> list[tuple]:
             x = torch.randn(m, in_f, device=device).half()
             ref = reference64(x, layer)
             prefill = [{"PREP_BLOCK_M": b} for b in PREP_BLOCK_M_SWEEP]
-            for cfg in gemv_sweep(in_f, out_f) if m == 1 else DECODE_SWEEP if m <= 16 else prefill:
+            decode = [dict(decode_config(m, out_f, in_f), PDL=pdl) for pdl in (0, 1)] + DECODE_SWEEP
+            for cfg in gemv_sweep(in_f, out_f) if m == 1 else decode[:decode_configs] if m <= 16 else prefill:
                 try:
                     us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
                     err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()
@@ -264,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--m", default=None, help="token counts to time, comma-separated (default 1,16,256,2048)")
     p.add_argument("--sweep", action="store_true", help="time the tile configs instead, print the best per shape")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--decode-configs", type=int, default=None,
+                   help="--sweep at 2 <= M <= 16: time only the first N configs (2: the default tile, PDL off and on)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("linear_latency: needs a CUDA GPU", file=sys.stderr)
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else PAPER_SHAPES
     ms = [int(v) for v in args.m.split(",")] if args.m else TIMED_M
     if args.sweep:
-        rows = sweep(shapes, ms, device)
+        rows = sweep(shapes, ms, device, args.decode_configs)
         for key in sorted({(s, m) for s, m, _, _ in rows}):
             sel = [r for r in rows if (r[0], r[1]) == key]
             best = min(sel, key=lambda r: r[-1])

@@ -263,8 +263,11 @@ def _arrives_last(count_ptr, like, SPLIT: tl.constexpr, INTERPRET: tl.constexpr)
 def _decode_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_ptr, partial_ptr, lock_ptr, M, N, K,
                    KB, C, stride_xm, stride_ym, STEPS, E: tl.constexpr, E_P: tl.constexpr, HAS_BIAS: tl.constexpr,
                    NEG_ONE: tl.constexpr, INTERPRET: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr = False):
     """y[:M, n-block] for M <= BLOCK_M <= 16 tokens; each packed byte is read once (see the module doc).
+
+    PDL: launched as the router's programmatic dependent (sm_90), so its launch overlaps the router's run;
+    it waits for the router's grid before it reads anything.
 
     Program (n, s) covers STEPS steps of BLOCK_G packed bytes (8 * BLOCK_G inputs) from step s * STEPS.
     Per step the scaled activations are computed once, from contiguous loads, and split by phase
@@ -276,6 +279,8 @@ def _decode_kernel(x_ptr, w_ptr, logits_ptr, s_in_ptr, s_out_ptr, bias_ptr, y_pt
     pid_s = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PDL and not INTERPRET:
+        tl.extra.cuda.gdc_wait()  # the router's logits are complete and visible from here on
     gates = _gates(logits_ptr, rm, M, C, E, E_P, BLOCK_M)  # E_P >= 16 when BLOCK_M == 16 (_mix_dot)
     acc = tl.zeros((16, BLOCK_N), tl.float32)
     g_start = pid_s * STEPS * BLOCK_G
@@ -673,8 +678,9 @@ def _scale_output_kernel(y_ptr, logits_ptr, s_out_ptr, bias_ptr, M, N, C, stride
 
 
 def decode_config(M: int, N: int, K: int) -> dict:
-    """Tile of the decode kernel (tuned on an H100 at the paper's shapes; docs/KERNELS.md)."""
-    return {"BLOCK_N": 32 if M == 1 else 64, "BLOCK_G": 64 if M == 1 else 32, "num_warps": 4, "num_stages": 2}
+    """Tile of the decode kernel (tuned on an H100 at the paper's shapes; docs/KERNELS.md); PDL=1: launched as the
+    router's programmatic dependent on sm_90."""
+    return {"BLOCK_N": 32 if M == 1 else 64, "BLOCK_G": 64 if M == 1 else 32, "num_warps": 4, "num_stages": 2, "PDL": 1}
 
 
 def k_split(N: int, block_n: int, k_steps: int) -> int:
@@ -856,11 +862,15 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
     if M <= DECODE_MAX_M:
         cfg = dict(config if config and "BLOCK_G" in config else decode_config(M, N, in_features))
         logits, C = y, 0
+        pdl = (bool(cfg.pop("PDL", 0)) and E > 1 and not interpret and x.is_cuda
+               and torch.cuda.get_device_capability(x.device)[0] >= 9)  # griddepcontrol: sm_90
         if E > 1:
             C = triton.cdiv(in_features, ROUTER_BLOCK_K)
             logits = torch.empty((C, M, E), device=x.device, dtype=torch.float32)
             _router_kernel[(C,)](x2, router, logits, M, in_features, x2.stride(0), E=E, E_P=common["E_P"],
-                                 BLOCK_M=DECODE_MAX_M, BLOCK_K=ROUTER_BLOCK_K)
+                                 BLOCK_M=DECODE_MAX_M, BLOCK_K=ROUTER_BLOCK_K, LAUNCH_DEPENDENTS=pdl)
+        if pdl:
+            cfg.update(PDL=True, launch_pdl=True)
         block_m = 1 if M == 1 else 16  # one token: plain FMAs; more: 16 rows, mixed on the tensor cores
         n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
         split = cfg.pop("SPLIT", None) or k_split(N, cfg["BLOCK_N"], triton.cdiv(KB, cfg["BLOCK_G"]))
