@@ -10,8 +10,8 @@ read HBM as decoding a whole model does.
     PYTHONPATH=src python benchmarks/linear_latency.py --out docs/linear_latency.md
     PYTHONPATH=src python benchmarks/linear_latency.py --sweep   # time tile configs, print the best
 
---sweep times, per shape and M, the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16) and the
-prefill's PREP_BLOCK_M (M > 16). At M = 1 each GEMV tile runs with the router inline (ROUTER_INLINE=1:
+--sweep times, per shape and M, the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16; first the
+default tile with PDL off and on, --decode-configs 2 for those alone) and the prefill's PREP_BLOCK_M (M > 16). At M = 1 each GEMV tile runs with the router inline (ROUTER_INLINE=1:
 one launch) and as a launch of its own (ROUTER_INLINE=0, with and without PDL), the default tile also
 with other inline router steps (ROUTER_BLOCK_K); the summary gives the best of each way.
 """

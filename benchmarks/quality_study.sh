@@ -255,9 +255,9 @@ lanes-study9)  # what `session study9` runs detached, on two GPUs: six E=4 recip
     python -c "from binarymos.models import loadable; loadable('$M')"
     RUN="--max-tokens $TOKENS --batch-size 8 --no-grad-checkpointing --bf16-compute"
     TEXT="--data teacher+c4_wiki --teacher-seq-len 256 --teacher-prompt-len 32 --teacher-batch-size 2048"
-    trained 1 real $RUN &
+    trained 1 real $RUN --blockwise 0 &  # the default recipe before session 9
     trained 1 blockwise $RUN --blockwise 0.25 &
-    trained 1 kl-only $RUN --hidden-weight 0 &
+    trained 1 kl-only $RUN --hidden-weight 0 --blockwise 0 &
     (
         for n in 16384 4096; do
             CUDA_VISIBLE_DEVICES=0 python - "$M" "$n" >> "$W/teacher-text.log" 2>&1 <<'EOF'
@@ -270,8 +270,8 @@ print(f"{sys.argv[2]} continuations of 32 real tokens to 256: {len(blocks)} bloc
       "with loading and binarizing")
 EOF
         done
-        trained 0 text16k $RUN $TEXT --teacher-samples 16384 &
-        trained 0 text4k $RUN $TEXT --teacher-samples 4096 &
+        trained 0 text16k $RUN $TEXT --teacher-samples 16384 --blockwise 0 &
+        trained 0 text4k $RUN $TEXT --teacher-samples 4096 --blockwise 0 &
         trained 0 text16k-blockwise $RUN $TEXT --teacher-samples 16384 --blockwise 0.25 &
         wait
     ) &

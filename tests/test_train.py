@@ -50,6 +50,7 @@ def test_paper_recipe_is_the_authors_setting():
     assert (paper.lr_weight, paper.lr_scale, paper.kl_reduction, paper.hidden_weight, paper.hidden_norm,
             paper.warmup, paper.batch_size, paper.blockwise) == (2e-5, 2e-5, "batchmean", 10.0, "none", 0.03, 4, 0.0)
     assert TrainConfig(recipe="paper", lr_weight=1e-3).lr_weight == 1e-3  # explicit options win
+    assert (TrainConfig().blockwise, TrainConfig(blockwise=0).blockwise) == (0.25, 0)  # ours: a quarter block-wise
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine():
