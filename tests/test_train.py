@@ -306,12 +306,13 @@ def test_teacher_forced_blocks_feed_each_student_block_the_teachers_input(model_
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_teacher_forced_blocks_keep_each_blocks_gradient_to_its_own_output(checkpointing):
-    from binarymos.train import TeacherForcedBlocks
+    from binarymos.train import TeacherForcedBlocks, enable_checkpointing
 
     teacher, student = three_block_pair()
     student.train()
     if checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in student.model.layers)
     ids = torch.randint(3, 100, (2, 12))
     with TeacherForcedBlocks(teacher, student) as forced:
         with torch.no_grad():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import warnings
@@ -174,3 +175,16 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(loadable(name)))
+
+
+def kv_cache_kwarg(model, cache) -> dict:
+    """``cache`` as the keyword argument this transformers' forward takes it by: ``cache`` from 5.24 on,
+    ``past_key_values`` before (5.24 still accepts that name, with a warning, until 5.40)."""
+    takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+    return {"cache" if takes_cache else "past_key_values": cache}
+
+
+def returned_kv_cache(output):
+    """The KV cache a forward returned: ``output.cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -268,6 +268,15 @@ class TeacherForcedBlocks:
                      for out, store in ((student_out, self.student_out), (teacher_out, self.teacher_out)))
 
 
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing of every decoder block (non-reentrant), by the name this transformers gives it."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the newer transformers' name
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lr_factor(step: int, total: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0."""
     if step < warmup_steps:
@@ -398,11 +407,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
         for p in group["params"]:
             p.requires_grad_(True)
     if needs_grad_checkpointing(cfg, teacher.config, env):
-        enable = getattr(student, "activation_checkpointing_enable", None)  # the newer transformers' name
-        if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(student)
     student.config.use_cache = False
     if cfg.bf16_compute and not env.sharded:  # FSDP2 computes with bf16 parameters already
         for p in student.parameters():
