@@ -142,6 +142,21 @@ def test_missing_data_dir_is_a_clear_error(monkeypatch, tmp_path):
         eval_windows(tiny_tokenizer(), "ptb", 16, root=SHARED_DATA)
 
 
+@pytest.mark.parametrize("name", ["wikitext2", "c4"])
+def test_text_the_hub_cannot_give_is_a_clear_error_that_names_the_local_copy(monkeypatch, name):
+    from types import SimpleNamespace
+
+    from binarymos import data
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nsecond line")
+
+    monkeypatch.delenv("BINARYMOS_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "_hf_datasets", lambda: SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError, match=r"ConnectionError: Couldn't reach the Hub\); offline, set BINARYMOS_DATA_DIR"):
+        documents(name, "test")
+
+
 def _printable(text: str) -> str:
     return "".join(ch if ch == "\n" or 32 <= ord(ch) < 127 else "?" for ch in text)
 

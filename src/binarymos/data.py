@@ -47,13 +47,26 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
+OFFLINE_HINT = "BINARYMOS_DATA_DIR or --data-dir (a local copy laid out like shared/data)"
+
+
 def _hf_datasets():
     if importlib.util.find_spec("datasets") is None:
-        raise DataError("this text needs either BINARYMOS_DATA_DIR (a local copy laid out like shared/data) "
-                        "or `pip install datasets` and internet access")
+        raise DataError(f"this text needs either {OFFLINE_HINT} or `pip install datasets` and internet access")
     import datasets
 
     return datasets
+
+
+def _load_dataset(*args, **kwargs) -> list[str]:
+    """The "text" column of a Hugging Face dataset; a failure to get it (offline, most often) is a DataError that
+    names the local alternative."""
+    datasets = _hf_datasets()
+    try:
+        return list(datasets.load_dataset(*args, **kwargs)["text"])
+    except Exception as err:  # datasets raises its own, the hub client's and the network's errors
+        raise DataError(f"could not load {args[0]} through Hugging Face datasets ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); offline, set {OFFLINE_HINT}") from err
 
 
 def _read_docs(path: Path) -> list[str]:
@@ -80,7 +93,7 @@ def wikitext2(split: str, root: Path | None) -> list[str]:
             if path.exists():
                 return path.read_text(encoding="utf-8").split("\n")
         raise DataError(f"no WikiText-2 {split} file under {root / 'wikitext-2-raw'}")
-    return list(_hf_datasets().load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    return _load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
 
 
 def c4(split: str, root: Path | None) -> list[str]:
@@ -90,12 +103,10 @@ def c4(split: str, root: Path | None) -> list[str]:
                   "train": (C4_TEST_DOCS + C4_VALID_DOCS, len(docs))}
         lo, hi = bounds[split]
         return docs[lo:hi]
-    datasets = _hf_datasets()
     if split == "train":
-        return list(datasets.load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
-                                          split="train")["text"])
-    docs = list(datasets.load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                                      split="validation")["text"])
+        return _load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    docs = _load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                         split="validation")
     return docs[:C4_TEST_DOCS] if split == "test" else docs[C4_TEST_DOCS:C4_TEST_DOCS + C4_VALID_DOCS]
 
 
