@@ -10,6 +10,7 @@
 #   bash benchmarks/quality_study.sh session ab          # 1 GPU, ~15 minutes: the same pair sharing the GPU at once
 #   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
+#   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -278,6 +279,23 @@ EOF
     wait
     CUDA_VISIBLE_DEVICES=1 python "$(dirname "$0")/heldout_kl.py" --teacher "$M" --windows 16 \
         --students "$W/real/model,$W/text16k/model" --out "$W/heldout-kl.md" > "$W/heldout-kl.log" 2>&1
+    touch "$W/done"
+    ;;
+lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:MINUTES of RUNS (default "e4:20") alone on the
+    # GPU, one after the other, so that their tokens per minute are their own: NAME e4 is the default recipe at E=4,
+    # e1 at E=1, paper the authors' recipe at E=4; batch 8, no checkpointing, --bf16-compute, plus $TRAIN_ARGS
+    python -c "from binarymos.models import loadable; loadable('$M')"
+    for run in ${RUNS:-e4:20}; do
+        name=${run%%:*} minutes=${run##*:}
+        case $name in
+        e4) extra= ;;
+        e1) extra="-E 1" ;;
+        paper) extra="--recipe paper" ;;
+        *) echo "unknown run $name" >&2; continue ;;
+        esac
+        timed_run 0 "alone-$name-${minutes}min" "$minutes" --batch-size 8 --no-grad-checkpointing --bf16-compute \
+            $extra ${TRAIN_ARGS:-}
+    done
     touch "$W/done"
     ;;
 poll)
