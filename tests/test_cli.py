@@ -51,6 +51,42 @@ def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
     assert err.count("\n") == 1 and err.startswith("binarymos: error: ") and message in err
 
 
+def test_train_options_default_to_the_training_configs_defaults():
+    """--resume takes the run's value for every option left at its default, so both must agree."""
+    import dataclasses
+
+    from binarymos.cli import build_parser
+    from binarymos.train import TrainConfig
+
+    args = vars(build_parser().parse_args(["train"]))
+    assert {f.name: args[f.name] for f in dataclasses.fields(TrainConfig)} == \
+        {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def test_train_resume_needs_only_the_run_directory(teacher_dir, text_file, tmp_path, capsys, monkeypatch):
+    from binarymos import train as train_mod
+
+    options = ["--model", str(teacher_dir), "--data", str(text_file), "-E", "2", "--seq-len", "32", "--batch-size", "2",
+               "--max-steps", "4", "--save-every", "2", "--lr-weight", "1e-3", "--device", "cpu"]
+    assert run(capsys, "train", *options, "--out", str(tmp_path / "full"))[0] == 0
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the process is killed right after its first checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    assert run(capsys, "train", *options, "--out", str(tmp_path / "killed"))[0] == 130
+    monkeypatch.undo()
+    assert run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume")[0] == 0
+    full, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("full", "killed"))
+    assert resumed["step"] == 4 and resumed["config"] == {**full["config"], "out": str(tmp_path / "killed"),
+                                                         "resume": True}
+    assert all(torch.equal(full["trainable"][k], resumed["trainable"][k]) for k in full["trainable"])
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume", "-E", "3")
+    assert code == 2 and "started with num_experts 2 (given 3)" in err
+
+
 def test_train_strategy_reaches_the_training_config():
     from binarymos.cli import _train_config, build_parser
 

@@ -96,6 +96,21 @@ def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teache
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resuming_with_other_settings_is_refused_and_changes_nothing(teacher_dir, text_file, tmp_path, monkeypatch):
+    sigterm_during_step(monkeypatch, 1)
+    with pytest.raises(TrainingStopped):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", save_every=100))
+    monkeypatch.undo()
+    kept = {name: (tmp_path / "run" / name).read_bytes() for name in ("checkpoint.pt", "train_config.json", "log.jsonl")}
+    with pytest.raises(ValueError, match=r"started with num_experts 2 \(given 4\), seed 0 \(given 1\)"):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", num_experts=4, seed=1, resume=True))
+    assert kept == {name: (tmp_path / "run" / name).read_bytes() for name in kept}
+    # where it runs and how fast may change: the same run goes on, and says so in its log
+    train(cfg(teacher_dir, text_file, tmp_path / "run", save_every=2, log_every=2, resume=True))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4, 6]
+
+
 def test_sigterm_saves_the_finished_step_and_resume_reaches_the_same_weights(teacher_dir, text_file, tmp_path,
                                                                              monkeypatch):
     full = trainable(train(cfg(teacher_dir, text_file, tmp_path / "full", save_every=100)))

@@ -38,9 +38,10 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .train import TrainConfig, resume_settings
 
-    return TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig()) if k in vars(args)})
+    given = {k: getattr(args, k) for k in vars(TrainConfig()) if k in vars(args)}
+    return TrainConfig(**(resume_settings(args.out, given) if args.resume else given))
 
 
 def _cmd_train(args) -> None:
@@ -304,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
                    help="under torchrun / accelerate launch: ddp copies both models to every GPU, fsdp shards them "
                         "(FSDP2); auto: ddp where the run fits one GPU (binarymos plan), else fsdp")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint: every option left out (or given its "
+                        "default) takes the run's value; options that change what is trained must match it")
     _add_eval_args(p, "")
     p.set_defaults(func=_cmd_train)
 

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,6 +161,42 @@ class TrainConfig:
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
                              "compile none (its hooks change each step's graph): set blockwise 0 for either")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
+
+
+# what a resumed run may set anew: where and how fast it runs, not what it trains (a changed batch_size or grad_accum
+# keeps the global batch: distributed._keep_global_batch)
+ANEW_ON_RESUME = frozenset({"out", "resume", "data_dir", "device", "log_every", "save_every", "grad_checkpointing",
+                            "strategy", "compile", "batch_size", "grad_accum", "teacher_batch_size"})
+
+
+def run_settings(out: str | os.PathLike) -> dict:
+    """The settings the run in ``out`` was started with (its train_config.json), {} where it has none."""
+    path = Path(out) / "train_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a run's settings ({err})") from err
+
+
+def resume_settings(out: str | os.PathLike, given: dict) -> dict:
+    """TrainConfig fields that continue the run in ``out``: ``given``, each value left at its default replaced by
+    the run's own, so that `binarymos train --out RUN --resume` needs none of the options the run was started with."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    saved = run_settings(out)
+    return {key: saved[key] if key in saved and key not in ("out", "resume") and value == defaults[key] else value
+            for key, value in given.items()}
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """A resumed run must train what it was started to train: every setting outside ANEW_ON_RESUME as saved."""
+    saved = run_settings(cfg.out)
+    differ = [f"{key} {saved[key]!r} (given {value!r})" for key, value in asdict(cfg).items()
+              if key not in ANEW_ON_RESUME and key in saved and saved[key] != value]
+    if differ:
+        raise ValueError(f"--resume: the run in {cfg.out} was started with {', '.join(differ)}; resume it with its own "
+                         "settings (leave those options out) or train into another --out")
 
 
 def _diverged(what: str, step: int, out: Path) -> TrainingDivergedError:
@@ -485,6 +521,8 @@ def train(cfg: TrainConfig):
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
     if not cfg.resume and found is not None:
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or choose another --out")
+    if cfg.resume:
+        check_resumable(cfg)
     teacher, student, tokenizer, blocks = prepare(cfg, env)
     device = env.device
     groups = param_groups(student, cfg)
