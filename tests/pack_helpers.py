@@ -1,4 +1,5 @@
-"""Shared by the packing tests: tiny binarized models, their fp16 reference, a tiny tokenizer."""
+"""Shared by the tests: tiny binarized models, their fp16 reference, a tiny tokenizer; a BinaryMoS layer whose
+router and scales matter, and the packed layer's formula in float64."""
 from __future__ import annotations
 
 import copy
@@ -84,3 +85,38 @@ def tiny_lm(arch: str, seed: int = 0):
 def decode(ids: list[int]) -> str:
     """tiny_tokenizer's decoding without special tokens, computed without it."""
     return "".join(ALPHABET[i - len(SPECIALS)] for i in ids if i >= len(SPECIALS))
+
+
+def make_layer(in_f: int, out_f: int, experts: int, bias: bool, seed: int = 0) -> BinaryMoSLinear:
+    """A float32 BinaryMoSLinear with a router, distinct experts and bias that actually matter."""
+    torch.manual_seed(seed)
+    layer = BinaryMoSLinear(in_f, out_f, num_experts=experts, bias=bias).eval()
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.3)
+        layer.scale_in.uniform_(0.5, 1.5)
+        layer.scale_out.uniform_(0.5, 1.5).div_(in_f ** 0.5)
+        if bias:
+            layer.bias.normal_(0, 0.1)
+    return layer
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def unpack_signs64(packed: torch.Tensor, in_f: int) -> torch.Tensor:
+    """+-1 (out, in) float64 from the packed bytes: input 8g + j at bit j of byte g, bit 1 = +1."""
+    bits = (packed.long()[:, :, None] >> torch.arange(8)) & 1
+    return (2 * bits.reshape(packed.shape[0], -1)[:, :in_f] - 1).double()
+
+
+def reference64(x, packed_weight, router, scale_in, scale_out, bias) -> torch.Tensor:
+    """The layer's formula in float64 on the unpacked signs (gates, scales and products unrounded)."""
+    x = x.double()
+    if scale_in.shape[0] == 1:
+        s_in, s_out = scale_in[0].double(), scale_out[0].double()
+    else:
+        g = torch.softmax(x @ router.double().T, dim=-1)
+        s_in, s_out = g @ scale_in.double(), g @ scale_out.double()
+    y = ((x * s_in) @ unpack_signs64(packed_weight, x.shape[-1]).T) * s_out
+    return y if bias is None else y + bias.double()

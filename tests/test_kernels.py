@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from binarymos.kernels import binary_mos_linear, binary_mos_linear_reference
-from binarymos.nn import BinaryMoSLinear, PackedBinaryMoSLinear
+from binarymos.nn import PackedBinaryMoSLinear
+from pack_helpers import make_layer, reference64, rel_err
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("the kernel tests need Triton (pip install triton), whose CPU interpreter runs them",
@@ -34,23 +35,6 @@ def kernels():
     import binarymos.kernels.triton_kernels as module
 
     return module
-
-
-def make_layer(in_f: int, out_f: int, experts: int, bias: bool, seed: int = 0) -> BinaryMoSLinear:
-    """A float32 BinaryMoSLinear with a router, distinct experts and bias that actually matter."""
-    torch.manual_seed(seed)
-    layer = BinaryMoSLinear(in_f, out_f, num_experts=experts, bias=bias).eval()
-    with torch.no_grad():
-        layer.router.weight.normal_(0, 0.3)
-        layer.scale_in.uniform_(0.5, 1.5)
-        layer.scale_out.uniform_(0.5, 1.5).div_(in_f ** 0.5)
-        if bias:
-            layer.bias.normal_(0, 0.1)
-    return layer
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -138,24 +122,6 @@ def test_prefill_cublas_matches_float64(kernels, monkeypatch, dtype, m, in_f, ou
 
 
 # ---- one token (M == 1): the sign-flip GEMV (_gemv_kernel) ----
-
-def unpack_signs64(packed: torch.Tensor, in_f: int) -> torch.Tensor:
-    """+-1 (out, in) float64 from the packed bytes: input 8g + j at bit j of byte g, bit 1 = +1."""
-    bits = (packed.long()[:, :, None] >> torch.arange(8)) & 1
-    return (2 * bits.reshape(packed.shape[0], -1)[:, :in_f] - 1).double()
-
-
-def reference64(x, packed_weight, router, scale_in, scale_out, bias) -> torch.Tensor:
-    """The layer's formula in float64 on the unpacked signs (gates, scales and products unrounded)."""
-    x = x.double()
-    if scale_in.shape[0] == 1:
-        s_in, s_out = scale_in[0].double(), scale_out[0].double()
-    else:
-        g = torch.softmax(x @ router.double().T, dim=-1)
-        s_in, s_out = g @ scale_in.double(), g @ scale_out.double()
-    y = ((x * s_in) @ unpack_signs64(packed_weight, x.shape[-1]).T) * s_out
-    return y if bias is None else y + bias.double()
-
 
 @pytest.fixture
 def gemv_calls(kernels, monkeypatch):

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from binarymos import BinaryMoSLinear, SignLinear
+from binarymos.nn import PackedBinaryMoSLinear
 
 
 def formula(x, weight, router, scale_in, scale_out, bias=None):
@@ -153,3 +154,43 @@ def test_sign_baseline_is_sign_times_row_mean_abs():
     ref = (x.double() @ torch.where(w >= 0, 1.0, -1.0).double().T) * w.abs().mean(1) + linear.bias.detach().double()
     torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (61, 24, 2, True)])
+def test_the_cpu_products_match_the_formula_in_float64(dtype, tol, in_f, out_f, experts, bias):
+    """Both CPU paths: the byte-table product (few tokens, the weight never unpacked) and unpacking + matmul."""
+    from pack_helpers import make_layer, reference64, rel_err
+
+    from binarymos.kernels import LUT_MAX_TOKENS, binary_mos_linear_lut, binary_mos_linear_reference
+
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, experts, bias), dtype=dtype)
+    args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
+    for shape in [(1, in_f), (2, 2, in_f), (LUT_MAX_TOKENS + 1, in_f)]:  # the layer takes each path once
+        x = torch.randn(shape).to(dtype)
+        ref = reference64(x, *args)
+        for y in (binary_mos_linear_lut(x, *args), binary_mos_linear_reference(x, *args), packed(x)):
+            assert y.dtype == dtype and y.shape == (*shape[:-1], out_f) and rel_err(y, ref) < tol
+    assert packed(torch.randn(0, in_f).to(dtype)).shape == (0, out_f)
+
+
+def test_unpacked_signs_are_the_packed_bits():
+    from binarymos.nn import pack_signs, unpack_signs
+
+    weight = torch.randn(5, 21)
+    for dtype in (torch.float32, torch.bfloat16):
+        signs = unpack_signs(pack_signs(weight), 21, dtype)
+        assert signs.dtype == dtype and torch.equal(signs.float(), torch.where(weight >= 0, 1.0, -1.0))
+
+
+def test_the_cpu_reads_up_to_lut_max_tokens_through_byte_tables(monkeypatch):
+    from pack_helpers import make_layer
+
+    from binarymos import kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "binary_mos_linear_lut", lambda x, *args: calls.append(x.shape) or x[..., :3])
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(16, 3, 2, bias=False), dtype=torch.float32)
+    for tokens in (1, kernels.LUT_MAX_TOKENS, kernels.LUT_MAX_TOKENS + 1):
+        packed(torch.randn(tokens, 16))
+    assert calls == [(1, 16), (kernels.LUT_MAX_TOKENS, 16)]

@@ -9,6 +9,7 @@ BinaryMoS (SPEC.md):
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -228,12 +229,18 @@ def pack_signs(weight: torch.Tensor) -> torch.Tensor:
     return (bits << shifts).sum(dim=-1, dtype=torch.uint8)
 
 
+@functools.cache
+def byte_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8): the +1/-1 of bits 0..7 of every byte value, the signs ``pack_signs`` puts in that byte."""
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    return (bits * 2 - 1).to(dtype)
+
+
 def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (out, in) matrix of +1/-1 that ``pack_signs`` packed."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    signs = bits.view(packed.shape[0], -1)[:, :in_features].to(dtype)
-    return signs * 2 - 1
+    """The (out, in) matrix of +1/-1 that ``pack_signs`` packed: each byte looked up in ``byte_signs``, one pass
+    (on 2 CPU cores 1.2-11x faster than shifting and masking the bits, docs/RESULTS.md)."""
+    signs = F.embedding(packed.long(), byte_signs(dtype, packed.device))
+    return signs.view(packed.shape[0], -1)[:, :in_features]
 
 
 class PackedBinaryMoSLinear(nn.Module):
