@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from binarymos.convert import decoder_blocks
-from binarymos.models import kv_cache_kwarg
+from binarymos.models import kv_cache_keyword
 from binarymos.nn import PackedBinaryMoSLinear
 
 MODELS = {
@@ -75,7 +75,8 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = 
     warmup = 3
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup + 1)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
-    logits = model(input_ids=prompt, **kv_cache_kwarg(model, cache), use_cache=True).logits
+    cached = {kv_cache_keyword(model): cache}
+    logits = model(input_ids=prompt, **cached, use_cache=True).logits
     last = logits[:, -1:].argmax(-1)
     tokens = torch.zeros(batch, new_tokens + warmup, dtype=torch.long, device="cuda")
     step_index = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -83,7 +84,7 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = 
     forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
 
     def step():
-        out = forward(input_ids=last, **kv_cache_kwarg(model, cache), use_cache=True, cache_position=position).logits
+        out = forward(input_ids=last, **cached, use_cache=True, cache_position=position).logits
         last.copy_(out[:, -1:].argmax(-1))
         tokens.index_copy_(1, step_index, last)
         step_index.add_(1)

@@ -34,6 +34,19 @@ def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def killed_after_first_checkpoint(monkeypatch) -> None:
+    """The training process dies (KeyboardInterrupt) right after it writes its first checkpoint."""
+    from binarymos import train as train_mod
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+
+
 def sigterm_during_step(monkeypatch, step: int) -> None:
     """SIGTERM to this process while training step ``step`` (0-based) computes its loss."""
     import signal

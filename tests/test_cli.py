@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import sigterm_during_step
+from conftest import killed_after_first_checkpoint, sigterm_during_step
 
 from binarymos.cli import main
 
@@ -64,18 +64,10 @@ def test_train_options_default_to_the_training_configs_defaults():
 
 
 def test_train_resume_needs_only_the_run_directory(teacher_dir, text_file, tmp_path, capsys, monkeypatch):
-    from binarymos import train as train_mod
-
     options = ["--model", str(teacher_dir), "--data", str(text_file), "-E", "2", "--seq-len", "32", "--batch-size", "2",
                "--max-steps", "4", "--save-every", "2", "--lr-weight", "1e-3", "--device", "cpu"]
     assert run(capsys, "train", *options, "--out", str(tmp_path / "full"))[0] == 0
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # the process is killed right after its first checkpoint
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    killed_after_first_checkpoint(monkeypatch)
     assert run(capsys, "train", *options, "--out", str(tmp_path / "killed"))[0] == 130
     monkeypatch.undo()
     assert run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume")[0] == 0
@@ -85,6 +77,12 @@ def test_train_resume_needs_only_the_run_directory(teacher_dir, text_file, tmp_p
     assert all(torch.equal(full["trainable"][k], resumed["trainable"][k]) for k in full["trainable"])
     code, _, err = run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume", "-E", "3")
     assert code == 2 and "started with num_experts 2 (given 3)" in err
+
+
+def test_resuming_a_run_whose_settings_are_damaged_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "train_config.json").write_text('{"model": "x"')
+    code, _, err = run(capsys, "train", "--out", str(tmp_path), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "train_config.json: not a run's settings" in err
 
 
 def test_train_strategy_reaches_the_training_config():

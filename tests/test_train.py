@@ -8,7 +8,7 @@ import pytest
 import torch
 from types import SimpleNamespace
 
-from conftest import sigterm_during_step
+from conftest import killed_after_first_checkpoint, sigterm_during_step
 
 from binarymos import train as train_mod
 from binarymos.train import TrainConfig, TrainingDivergedError, TrainingStopped, distillation_loss, lr_factor, train
@@ -79,16 +79,10 @@ def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teache
     again = trainable(train(cfg(teacher_dir, text_file, tmp_path / "again")))
     assert all(torch.equal(full[n], again[n]) for n in full)
 
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(*args, **kwargs):  # the process is killed right after its first checkpoint
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    killed_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(teacher_dir, text_file, tmp_path / "killed"))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    monkeypatch.undo()
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 3
     resumed = trainable(train(cfg(teacher_dir, text_file, tmp_path / "killed", resume=True)))
     assert all(torch.equal(full[n], resumed[n]) for n in full)

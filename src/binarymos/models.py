@@ -177,11 +177,10 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return AutoTokenizer.from_pretrained(str(loadable(name)))
 
 
-def kv_cache_kwarg(model, cache) -> dict:
-    """``cache`` as the keyword argument this transformers' forward takes it by: ``cache`` from 5.24 on,
-    ``past_key_values`` before (5.24 still accepts that name, with a warning, until 5.40)."""
-    takes_cache = "cache" in inspect.signature(type(model).forward).parameters
-    return {"cache" if takes_cache else "past_key_values": cache}
+def kv_cache_keyword(model) -> str:
+    """The keyword this transformers' forward takes a KV cache by: ``cache`` from 5.24 on, ``past_key_values``
+    before (5.24 still accepts that name, with a warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def returned_kv_cache(output):

@@ -26,7 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import DataError, cut_rows, leading_bos
-from .models import _cache_dir, kv_cache_kwarg, resolve, returned_kv_cache
+from .models import _cache_dir, kv_cache_keyword, resolve, returned_kv_cache
 
 TEACHER = "teacher"
 
@@ -55,9 +55,9 @@ def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def _dynamic_cache_steps(model, first_ids: torch.Tensor, seq_len: int):
     """Yields the last-position logits of each step of a plain KV-cached decoding; ``send`` it the next ids."""
-    ids, cache = first_ids, None
+    ids, cache, cache_keyword = first_ids, None, kv_cache_keyword(model)
     for _ in range(first_ids.shape[1], seq_len):
-        result = model(input_ids=ids, **kv_cache_kwarg(model, cache), use_cache=True)
+        result = model(input_ids=ids, **{cache_keyword: cache}, use_cache=True)
         cache = returned_kv_cache(result)
         ids = yield result.logits[:, -1].float()
 
@@ -80,15 +80,16 @@ def _static_cache_steps(model, first_ids: torch.Tensor, seq_len: int, graph: boo
     positions = torch.arange(seq_len, device=device)
     ids, pos = torch.empty(batch, 1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
     mask = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    cache_keyword = kv_cache_keyword(model)
 
     def step(kv_cache):
         mask.copy_((positions <= pos).expand(batch, -1))
-        return model(input_ids=ids, attention_mask=mask, cache_position=pos, **kv_cache_kwarg(model, kv_cache),
+        return model(input_ids=ids, attention_mask=mask, cache_position=pos, **{cache_keyword: kv_cache},
                      use_cache=True).logits[:, -1].float()
 
     mask[:, :start] = 1
     ids.copy_((yield model(input_ids=first_ids, attention_mask=mask, cache_position=positions[:start],
-                           **kv_cache_kwarg(model, cache), use_cache=True).logits[:, -1].float()))
+                           **{cache_keyword: cache}, use_cache=True).logits[:, -1].float()))
     if graph:  # warm-up on a side stream, as torch.cuda.graph asks, then capture (which runs nothing)
         # The cache writes each step at its own counter, advanced by every forward (transformers' StaticLayer), not
         # at cache_position: the warm-up's forwards go to a scratch cache, so the text's counter stays at `start`.
