@@ -13,7 +13,10 @@ student's blocks on their own:
 - ``teacher+loss``: both;
 - ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead");
 - ``formula``: nothing compiled, and the student's BinaryMoS layers as plain autograd ops
-  (``BinaryMoSLinear.formula_forward``) instead of the fused training layer (session 8).
+  (``BinaryMoSLinear.formula_forward``) instead of the fused training layer (session 8);
+- ``fused-adamw``: nothing compiled, and AdamW's fused update (one kernel for all parameters) instead of train's
+  multi-tensor one, a candidate against the step's host overhead (binarymos.plan counts the multi-tensor update's
+  temporary, so a switch needs its peak memory measured too).
 
 Each runs --steps steps (bf16 compute unless --float32-residual, batch --batch-size x 2048, c4_wiki) and reports tokens/s after step --skip and
 the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish.
@@ -32,12 +35,15 @@ from binarymos import train as train_mod
 from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula")
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw")
 
 
 def _patch(variant: str) -> dict:
-    """Monkeypatch train's loss pieces and prepare() for ``variant``; returns what to restore."""
+    """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
+    if variant == "fused-adamw":
+        adamw = torch.optim.AdamW
+        torch.optim.AdamW = lambda groups, **options: adamw(groups, **options, fused=True)
     if variant == "formula":
         BinaryMoSLinear.forward = BinaryMoSLinear.formula_forward
     if "loss" in variant:
@@ -55,7 +61,7 @@ def _patch(variant: str) -> dict:
 
 
 def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: int, bf16: bool) -> dict:
-    fused_forward = BinaryMoSLinear.forward
+    fused_forward, adamw = BinaryMoSLinear.forward, torch.optim.AdamW
     saved = _patch(variant)
     torch._dynamo.reset()
     try:
@@ -67,7 +73,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             wall = time.perf_counter() - started
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     finally:
-        BinaryMoSLinear.forward = fused_forward
+        BinaryMoSLinear.forward, torch.optim.AdamW = fused_forward, adamw
         for name, value in saved.items():
             setattr(train_mod, name, value)
     a, b = log[skip - 1], log[-1]
