@@ -77,6 +77,15 @@ def test_train_resume_needs_only_the_run_directory(teacher_dir, text_file, tmp_p
     assert all(torch.equal(full["trainable"][k], resumed["trainable"][k]) for k in full["trainable"])
     code, _, err = run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume", "-E", "3")
     assert code == 2 and "started with num_experts 2 (given 3)" in err
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "killed"), "--resume", "-E", "4")  # the default
+    assert code == 2 and "started with num_experts 2 (given 4)" in err
+
+
+def test_train_options_given_tells_a_default_given_on_purpose_from_one_left_out():
+    from binarymos.cli import _train_options_given
+
+    argv = ["train", "--out", "r", "--resume", "-E", "4", "--no-grad-checkpointing", "--eval-windows", "3"]
+    assert _train_options_given(argv) == {"out", "resume", "num_experts", "grad_checkpointing"}
 
 
 def test_resuming_a_run_whose_settings_are_damaged_is_a_one_line_error(tmp_path, capsys):

@@ -38,10 +38,25 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args):
+    """The TrainConfig of a parsed `train` command line; with --resume only the options it set itself
+    (args.options_given, from main) are taken from it, the rest from the run's own settings."""
     from .train import TrainConfig, resume_settings
 
-    given = {k: getattr(args, k) for k in vars(TrainConfig()) if k in vars(args)}
-    return TrainConfig(**(resume_settings(args.out, given) if args.resume else given))
+    if args.resume:
+        return TrainConfig(**resume_settings(args.out, {k: getattr(args, k) for k in args.options_given}))
+    return TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
+
+
+def _train_options_given(argv: list[str] | None) -> set[str]:
+    """The TrainConfig fields this `train` command line sets itself. argparse fills in the others with their
+    defaults, which --resume must tell apart from a default value given on purpose (`-E 4` resuming an E=2 run
+    is an error, not E=2): the same parse, with a marker as every default."""
+    from .train import TrainConfig
+
+    names, left_out = set(vars(TrainConfig())), object()
+    parser = build_parser()
+    parser.verb_parsers["train"].set_defaults(**dict.fromkeys(names, left_out))
+    return {k for k, v in vars(parser.parse_args(argv)).items() if k in names and v is not left_out}
 
 
 def _cmd_train(args) -> None:
@@ -246,6 +261,7 @@ def _cmd_bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binarymos", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+    parser.verb_parsers = verbs.choices  # name -> the verb's parser
 
     p = verbs.add_parser("train", help="binarize a model and distil it from the original")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
@@ -306,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun / accelerate launch: ddp copies both models to every GPU, fsdp shards them "
                         "(FSDP2); auto: ddp where the run fits one GPU (binarymos plan), else fsdp")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint: every option left out (or given its "
-                        "default) takes the run's value; options that change what is trained must match it")
+                   help="continue the run in --out from its last checkpoint: every option left out takes the run's "
+                        "value; options that change what is trained must match it")
     _add_eval_args(p, "")
     p.set_defaults(func=_cmd_train)
 
@@ -414,6 +430,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "resume", False):
+        args.options_given = _train_options_given(argv)
     try:
         from transformers.utils import logging as hf_logging
 

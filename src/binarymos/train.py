@@ -181,12 +181,12 @@ def run_settings(out: str | os.PathLike) -> dict:
 
 
 def resume_settings(out: str | os.PathLike, given: dict) -> dict:
-    """TrainConfig fields that continue the run in ``out``: ``given``, each value left at its default replaced by
-    the run's own, so that `binarymos train --out RUN --resume` needs none of the options the run was started with."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    saved = run_settings(out)
-    return {key: saved[key] if key in saved and key not in ("out", "resume") and value == defaults[key] else value
-            for key, value in given.items()}
+    """TrainConfig fields that continue the run in ``out``: the run's own settings with ``given`` (the options a
+    command line sets) over them, so that `binarymos train --out RUN --resume` needs none of the options the run
+    was started with. Settings of an older version that TrainConfig no longer has are dropped."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {**{key: value for key, value in run_settings(out).items() if key in names}, **given,
+            "out": str(out), "resume": True}
 
 
 def check_resumable(cfg: TrainConfig) -> None:
