@@ -95,6 +95,21 @@ def test_calib_is_the_exllamav2_text():
         documents("calib", "test")
 
 
+def test_calib_shares_no_passage_with_the_evaluation_text():
+    """calib may join the training text (quality_study.sh's alltext): none of its 10-word sequences is in the
+    WikiText-2 test split, and almost none (boilerplate) in the C4 test documents."""
+    import re
+
+    def passages(texts):
+        words = re.findall(r"\w+", " ".join(texts).lower())
+        return {" ".join(words[i:i + 10]) for i in range(len(words) - 9)}
+
+    calib = passages(documents("calib"))
+    assert len(calib) > 300_000
+    assert not calib & passages(documents("wikitext2", "test"))
+    assert len(calib & passages(documents("c4", "test"))) < 1e-4 * len(calib)
+
+
 def test_local_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
     with open(tmp_path / "b.jsonl", "w") as f:
