@@ -41,6 +41,19 @@ def test_onebit_and_sign_round_trip(arch, num_experts, method, tmp_path):
         assert not any(name.endswith(".scale_in") for name in names)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 5])  # 1-2: the CPU's byte-table product; 5: the unpacked signs
+def test_packed_sign_layer_is_sign_times_row_mean_abs_in_float64(tokens):
+    from binarymos.nn import SignLinear
+    from binarymos.pack import PackedSignLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(37, 11)
+    layer = PackedSignLinear.from_sign(SignLinear.from_linear(linear), dtype=torch.float32)
+    w, x = linear.weight.detach().double(), torch.randn(tokens, 37)
+    want = (x.double() @ torch.where(w >= 0, 1.0, -1.0).double().T) * w.abs().mean(1) + linear.bias.detach().double()
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_stored_bits_and_dtypes(tmp_path):
     """Signs 8 per byte along the input, LSB first, 1 = (w >= 0), rows zero-padded; everything else fp16."""
     config = tiny_config("llama")

@@ -19,13 +19,12 @@ import struct
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .convert import METHODS, BinaryMoSConfig, binarize, binarized_layers
-from .nn import BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear, pack_signs, unpack_signs
+from .nn import BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear, pack_signs
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "binarymos"
@@ -106,8 +105,12 @@ class PackedSignLinear(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, unpack_signs(self.packed_weight, self.in_features, x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        """The packed layer's kernels (binarymos.kernels) as for OneBit, with s_in = 1 and s_out = the static
+        scale: the same numbers as unpacking, without unpacking the weight on every call."""
+        from .kernels import binary_mos_linear
+
+        ones = self.scale.new_ones(1, self.in_features)
+        return binary_mos_linear(x, self.packed_weight, None, ones, self.scale[None], self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
