@@ -194,6 +194,27 @@ def test_cli_pack_plain_model_as_sign_baseline(tmp_path):
     assert torch.equal(logits(binarymos.load(tmp_path / "packed", device="cpu")), want)
 
 
+def test_pack_writes_a_model_card(tmp_path):
+    from binarymos.pack import pack
+
+    run = tmp_path / "run"
+    _save_hf(binarized(tiny_model("llama"), num_experts=2), run / "model")
+    (run / "train_config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "data": "c4_wiki",
+                                                       "recipe": "default"}))
+    (run / "log.jsonl").write_text('{"step": 1, "tokens": 2048}\n{"step": 2, "tokens": 4096}\n')
+    card = (pack(str(run), tmp_path / "packed") / "README.md").read_text()
+    stored = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "packed" / "model.safetensors").values())
+    fp16 = 2 * sum(p.numel() for p in tiny_model("llama").parameters())
+    assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: HuggingFaceTB/SmolLM2-135M\n" in card
+    assert "BinaryMoS's 2 scaling experts" in card and "`c4_wiki`" in card and "4,096 tokens" in card
+    assert f"| stored | {stored:,} bytes of tensors" in card and f"fp16 model's {fp16:,} |" in card
+    assert 'from_pretrained("packed")' in card
+
+    card = (pack(str(_save_hf(tiny_model("gpt2"), tmp_path / "hf")), tmp_path / "sign", method="sign")
+            / "README.md").read_text()
+    assert "not trained" in card and "static sign baseline" in card and "base_model" not in card
+
+
 def test_interrupted_pack_leaves_nothing_that_loads(tmp_path, monkeypatch):
     import binarymos.pack as pack
 

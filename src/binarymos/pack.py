@@ -178,10 +178,61 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
     tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
     try:
         save(model, tmp, tokenizer, max_shard_size)
+        (tmp / "README.md").write_text(model_card(tmp, source, out.name))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _run_of(source: str) -> Path | None:
+    """The training run ``source`` comes from (a run directory, or the model/ inside one), if it is one."""
+    for path in (Path(source), Path(source).parent):
+        if (path / "train_config.json").is_file() and (path / "model").is_dir():
+            return path
+    return None
+
+
+def model_card(directory: Path, source: str, name: str) -> str:
+    """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it."""
+    from .footprint import report
+    from .train import run_settings
+
+    quant = json.loads((directory / "config.json").read_text())["quantization_config"]
+    experts = quant["num_experts"]
+    what = {"sign": "one static scale per output row (the static sign baseline: sign(W) times the row's mean |W|)",
+            "mos": "OneBit's input and output scale vectors (BinaryMoS with one expert)" if experts == 1 else
+                   f"BinaryMoS's {experts} scaling experts, which a router mixes per token"}[quant["method"]]
+    run = _run_of(source)
+    if run is None:
+        origin, base = "not trained: binarized when packed", source
+    else:
+        settings = run_settings(run)
+        log = run / "log.jsonl"
+        last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() and log.read_text().strip() else {}
+        origin = (f"distilled from `{settings.get('model')}` on `{settings.get('data')}`, recipe "
+                  f"`{settings.get('recipe')}`, {last.get('tokens', 0):,} tokens (run `{run}`)")
+        base = str(settings.get("model"))
+    sizes = report(directory=str(directory))
+    stored, fp16 = sizes["measured"]["tensor_bytes"], sizes["bytes"]["fp16"]
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists()
+    front = ["---", "library_name: transformers", "tags:", "- binarymos", "- 1-bit", "- binarization"]
+    front += [f"base_model: {base}"] if hub_id else []
+    return "\n".join(front + ["---", "", f"# {name}", "",
+        f"A 1-bit model packed by binarymos from `{source}`: every linear layer of its decoder blocks keeps only "
+        f"the signs of its weights, 8 per byte, and {what}; scales, router and the layers left dense in "
+        f"{quant['dtype']}.", "",
+        "| | |", "|---|---|",
+        f"| training | {origin} |",
+        f"| stored | {stored:,} bytes of tensors ({stored / 1e6:,.1f} MB), {fp16 / stored:.1f}x less than the "
+        f"fp16 model's {fp16:,} |", "",
+        "## Use", "", "```python",
+        "import binarymos  # registers the binarymos quantizer with transformers",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+        f'or `binarymos generate {name} "The history of"`; its perplexity by the field\'s protocol: '
+        f"`binarymos eval --model {name} --ppl wikitext2,c4`.", ""])
 
 
 def _binarized(source: str, num_experts: int | None, method: str | None):
