@@ -193,6 +193,17 @@ def _run_of(source: str) -> Path | None:
     return None
 
 
+def _trained_tokens(run: Path) -> int:
+    """Tokens of the run's last logged step (0 without a log); a last line cut off by a kill is skipped."""
+    log = run / "log.jsonl"
+    for line in reversed(log.read_text().splitlines() if log.is_file() else []):
+        try:
+            return json.loads(line)["tokens"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return 0
+
+
 def model_card(directory: Path, source: str, name: str) -> str:
     """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it."""
     from .footprint import report
@@ -208,10 +219,8 @@ def model_card(directory: Path, source: str, name: str) -> str:
         origin, base = "not trained: binarized when packed", source
     else:
         settings = run_settings(run)
-        log = run / "log.jsonl"
-        last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() and log.read_text().strip() else {}
         origin = (f"distilled from `{settings.get('model')}` on `{settings.get('data')}`, recipe "
-                  f"`{settings.get('recipe')}`, {last.get('tokens', 0):,} tokens (run `{run}`)")
+                  f"`{settings.get('recipe')}`, {_trained_tokens(run):,} tokens (run `{run}`)")
         base = str(settings.get("model"))
     sizes = report(directory=str(directory))
     stored, fp16 = sizes["measured"]["tensor_bytes"], sizes["bytes"]["fp16"]
