@@ -201,7 +201,8 @@ def test_pack_writes_a_model_card(tmp_path):
     _save_hf(binarized(tiny_model("llama"), num_experts=2), run / "model")
     (run / "train_config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "data": "c4_wiki",
                                                        "recipe": "default"}))
-    (run / "log.jsonl").write_text('{"step": 1, "tokens": 2048}\n{"step": 2, "tokens": 4096}\n{"step": 3, "tok')  # cut off by a kill
+    log = '{"step": 1, "tokens": 2048}\n{"step": 2, "tokens": 4096}\n{"step": 3, "tok'  # the last line cut off by a kill
+    (run / "log.jsonl").write_text(log)
     card = (pack(str(run), tmp_path / "packed") / "README.md").read_text()
     stored = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "packed" / "model.safetensors").values())
     fp16 = 2 * sum(p.numel() for p in tiny_model("llama").parameters())
