@@ -20,7 +20,9 @@ def test_train_reports_perplexity_before_and_after(teacher_dir, text_file, tmp_p
                        "-E", "2", "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--device", "cpu",
                        "--ppl", "wikitext2", "--eval-seq-len", "64", "--eval-windows", "2")
     assert code == 0
-    rows = json.loads((out_dir / "results.json").read_text())
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["eval_seq_len"] == 64 and results["eval_windows"] == 2
+    rows = results["perplexity"]
     assert list(rows) == ["full precision", "static sign", "BinaryMoS (E=2) before training", "BinaryMoS (E=2) trained"]
     assert all(value > 1 for row in rows.values() for value in row.values())
     assert "| static sign |" in out and (out_dir / "model" / "config.json").exists()

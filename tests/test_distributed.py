@@ -265,7 +265,7 @@ def test_perplexity_is_reported_once_by_rank_0_from_the_saved_model(cli_run, tie
     root, logs, _ = cli_run
     assert logs["0"]["stdout"].count("| model | wikitext2 ppl |") == 1
     assert "ppl" not in logs["1"]["stdout"] and "saved" not in logs["1"]["stdout"]
-    rows = json.loads((root / "run" / "results.json").read_text())
+    rows = json.loads((root / "run" / "results.json").read_text())["perplexity"]
     for name, model in (("full precision", tied_teacher_dir), ("BinaryMoS (E=2) trained", root / "run" / "model")):
         model, tokenizer = load_model(str(model))
         want = perplexity(model, tokenizer, "wikitext2", seq_len=32, max_windows=4)

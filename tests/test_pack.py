@@ -203,7 +203,12 @@ def test_pack_writes_a_model_card(tmp_path):
                                                        "recipe": "default"}))
     log = '{"step": 1, "tokens": 2048}\n{"step": 2, "tokens": 4096}\n{"step": 3, "tok'  # the last line cut off by a kill
     (run / "log.jsonl").write_text(log)
+    results = {"full precision": {"wikitext2": 22.23, "c4": 28.11}, "BinaryMoS (E=2) trained": {"wikitext2": 68.06,
+                                                                                                "c4": 1093.89}}
+    (run / "results.json").write_text(json.dumps({"eval_seq_len": 2048, "eval_windows": 40, "perplexity": results}))
     card = (pack(str(run), tmp_path / "packed") / "README.md").read_text()
+    assert "in windows of 2048 tokens, the first 40 of each set" in card and "| model | wikitext2 | c4 |" in card
+    assert "| BinaryMoS (E=2) trained | 68.06 | 1,093.89 |" in card
     stored = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "packed" / "model.safetensors").values())
     fp16 = 2 * sum(p.numel() for p in tiny_model("llama").parameters())
     assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: HuggingFaceTB/SmolLM2-135M\n" in card

@@ -102,7 +102,8 @@ def _report(cfg, args, env, run_training) -> None:
             student = _load_for_inference(str(Path(cfg.out) / "model"), str(env.device))[0]
         rows[f"{_label(cfg)} trained"] = evaluate(student.float())
         _print_table(rows, args.ppl)
-        (Path(cfg.out) / "results.json").write_text(json.dumps(rows, indent=2))
+        results = {"eval_seq_len": args.eval_seq_len, "eval_windows": args.eval_windows, "perplexity": rows}
+        (Path(cfg.out) / "results.json").write_text(json.dumps(results, indent=2))
     env.barrier()
 
 

@@ -204,6 +204,23 @@ def _trained_tokens(run: Path) -> int:
     return 0
 
 
+def _perplexity_section(run: Path | None) -> list[str]:
+    """The card's lines for the perplexities `binarymos train --ppl` measured in the run (none without them)."""
+    path = None if run is None else run / "results.json"
+    if path is None or not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    rows = results["perplexity"]
+    sets = list(next(iter(rows.values())))
+    windows = f"the first {results['eval_windows']}" if results["eval_windows"] else "every window the protocol takes"
+    return ["## Perplexity", "",
+            f"As `binarymos train --ppl` measured it, in windows of {results['eval_seq_len']} tokens, {windows} of "
+            "each set (the field's protocol: 2048 tokens, all of WikiText-2's test split, the first 256 of C4's).", "",
+            "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets),
+            *(f"| {label} | " + " | ".join(f"{values[s]:,.2f}" for s in sets) + " |" for label, values in rows.items()),
+            ""]
+
+
 def model_card(directory: Path, source: str, name: str) -> str:
     """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it."""
     from .footprint import report
@@ -235,7 +252,7 @@ def model_card(directory: Path, source: str, name: str) -> str:
         f"| training | {origin} |",
         f"| stored | {stored:,} bytes of tensors ({stored / 1e6:,.1f} MB), {fp16 / stored:.1f}x less than the "
         f"fp16 model's {fp16:,} |", "",
-        "## Use", "", "```python",
+        *_perplexity_section(run), "## Use", "", "```python",
         "import binarymos  # registers the binarymos quantizer with transformers",
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}")',
