@@ -209,6 +209,9 @@ def test_pack_writes_a_model_card(tmp_path):
     card = (pack(str(run), tmp_path / "packed") / "README.md").read_text()
     assert "in windows of 2048 tokens, the first 40 of each set" in card and "| model | wikitext2 | c4 |" in card
     assert "| BinaryMoS (E=2) trained | 68.06 | 1,093.89 |" in card
+    (run / "results.json").write_text(json.dumps(results))  # as written before the windows were recorded
+    card = (pack(str(run), tmp_path / "packed", overwrite=True) / "README.md").read_text()
+    assert "on windows it did not record" in card and "| BinaryMoS (E=2) trained | 68.06 | 1,093.89 |" in card
     stored = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "packed" / "model.safetensors").values())
     fp16 = 2 * sum(p.numel() for p in tiny_model("llama").parameters())
     assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: HuggingFaceTB/SmolLM2-135M\n" in card

@@ -210,12 +210,20 @@ def _perplexity_section(run: Path | None) -> list[str]:
     if path is None or not path.is_file():
         return []
     results = json.loads(path.read_text())
+    if "perplexity" not in results:  # written before the windows were recorded: the rows alone
+        results = {"perplexity": results}
     rows = results["perplexity"]
+    if not rows:
+        return []
     sets = list(next(iter(rows.values())))
-    windows = f"the first {results['eval_windows']}" if results["eval_windows"] else "every window the protocol takes"
+    if "eval_seq_len" in results:
+        windows = f"the first {results['eval_windows']}" if results["eval_windows"] else "every window the protocol takes"
+        how = f", in windows of {results['eval_seq_len']} tokens, {windows} of each set"
+    else:
+        how = ", on windows it did not record"
     return ["## Perplexity", "",
-            f"As `binarymos train --ppl` measured it, in windows of {results['eval_seq_len']} tokens, {windows} of "
-            "each set (the field's protocol: 2048 tokens, all of WikiText-2's test split, the first 256 of C4's).", "",
+            f"As `binarymos train --ppl` measured it{how} (the field's protocol: 2048 tokens, all of WikiText-2's "
+            "test split, the first 256 of C4's).", "",
             "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets),
             *(f"| {label} | " + " | ".join(f"{values[s]:,.2f}" for s in sets) + " |" for label, values in rows.items()),
             ""]
