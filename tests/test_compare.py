@@ -66,6 +66,7 @@ def test_runner_gives_each_slot_its_gpu_and_kills_at_the_deadline(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["compare", "--methods", "fp,gptq", "--max-tokens", "10"], "unknown method 'gptq'"),
+    (["compare", "--methods", "mos2", "--max-tokens", "10", "--train-args=--resume"], "cannot hold --resume"),
     (["train", "--data", "teacher+teacher", "--max-steps", "1"], "bad data"),
     (["train", "--teacher-temperature", "-1", "--max-steps", "1"], "teacher_temperature must be >= 0"),
     (["analyze", "/no/such/run", "--out", "/tmp/binarymos-no-such-out"], "neither a run directory"),

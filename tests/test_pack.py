@@ -217,10 +217,18 @@ def test_pack_writes_a_model_card(tmp_path):
     assert card.startswith("---\nlibrary_name: transformers\n") and "\nbase_model: HuggingFaceTB/SmolLM2-135M\n" in card
     assert "BinaryMoS's 2 scaling experts" in card and "`c4_wiki`" in card and "4,096 tokens" in card
     assert f"| stored | {stored:,} bytes of tensors" in card and f"fp16 model's {fp16:,} |" in card
-    assert 'from_pretrained("packed")' in card
+    assert 'from_pretrained("packed")' in card and str(tmp_path) not in card  # no local paths on a public card
 
-    card = (pack(str(_save_hf(tiny_model("gpt2"), tmp_path / "hf")), tmp_path / "sign", method="sign")
-            / "README.md").read_text()
+    (run / "results.json").write_text('{"eval_seq_len": 2048, "perplex')  # damaged: the card goes without it
+    (run / "log.jsonl").unlink()
+    card = (pack(str(run / "model"), tmp_path / "packed", overwrite=True) / "README.md").read_text()
+    assert "## Perplexity" not in card and "recipe `default` |" in card  # and no token count without a log
+    shutil.copytree(run / "model", tmp_path / "copied")  # a trained model away from its run
+    card = (pack(str(tmp_path / "copied"), tmp_path / "packed", overwrite=True) / "README.md").read_text()
+    assert "| training | trained; its run's settings are not beside it |" in card and "base_model" not in card
+
+    _save_hf(tiny_model("gpt2"), run / "plain")  # a plain model, even inside a run directory, is binarized now
+    card = (pack(str(run / "plain"), tmp_path / "sign", method="sign") / "README.md").read_text()
     assert "not trained" in card and "static sign baseline" in card and "base_model" not in card
 
 

@@ -103,7 +103,9 @@ def _report(cfg, args, env, run_training) -> None:
         rows[f"{_label(cfg)} trained"] = evaluate(student.float())
         _print_table(rows, args.ppl)
         results = {"eval_seq_len": args.eval_seq_len, "eval_windows": args.eval_windows, "perplexity": rows}
-        (Path(cfg.out) / "results.json").write_text(json.dumps(results, indent=2))
+        tmp = Path(cfg.out) / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, Path(cfg.out) / "results.json")  # whole or not at all: pack's model card reads it
     env.barrier()
 
 
@@ -218,7 +220,10 @@ def _cmd_compare(args) -> None:
     train_args += shlex.split(args.train_args)
     eval_args = ["--ppl", ",".join(args.ppl), "--eval-seq-len", str(args.eval_seq_len)] + shared
     eval_args += ["--eval-windows", str(args.eval_windows)] if args.eval_windows else []
-    cfg = _train_config(build_parser().parse_args(["train", "--model", args.model] + train_args))  # bad options fail now
+    parsed = build_parser().parse_args(["train", "--model", args.model] + train_args)  # bad options fail now
+    if parsed.resume:
+        raise ValueError("compare: --train-args cannot hold --resume; every compare job trains anew into --out")
+    cfg = _train_config(parsed)
     model_config(args.model)  # a bad model fails now, and a .gguf is converted once, not by every job
     if split_data(cfg.data)[1] and any(run is not None for run in runs.values()):
         prepare(cfg)  # samples the teacher's text into the cache once, before the jobs read it

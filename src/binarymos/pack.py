@@ -106,7 +106,7 @@ class PackedSignLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The packed layer's kernels (binarymos.kernels) as for OneBit, with s_in = 1 and s_out = the static
-        scale: the same numbers as unpacking, without unpacking the weight on every call."""
+        scale: the unpacked layer's numbers, without unpacking the weight on every call."""
         from .kernels import binary_mos_linear
 
         ones = self.scale.new_ones(1, self.in_features)
@@ -173,12 +173,12 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    model, tokenizer = _binarized(source, num_experts, method)
+    model, tokenizer, trained = _binarized(source, num_experts, method)
     pack_model(model, dtype)
     tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
     try:
         save(model, tmp, tokenizer, max_shard_size)
-        (tmp / "README.md").write_text(model_card(tmp, source, out.name))
+        (tmp / "README.md").write_text(model_card(tmp, source, out.name, trained))
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,34 +186,49 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
 
 
 def _run_of(source: str) -> Path | None:
-    """The training run ``source`` comes from (a run directory, or the model/ inside one), if it is one."""
-    for path in (Path(source), Path(source).parent):
-        if (path / "train_config.json").is_file() and (path / "model").is_dir():
-            return path
+    """The training run of a trained model: ``source`` itself if it is a run directory, or the run that holds it
+    as its model/."""
+    path = Path(source)
+    for run in (path, path.parent if path.name == "model" else None):
+        if run is not None and (run / "train_config.json").is_file() and (run / "model").is_dir():
+            return run
     return None
 
 
-def _trained_tokens(run: Path) -> int:
-    """Tokens of the run's last logged step (0 without a log); a last line cut off by a kill is skipped."""
+def _json_object(path: Path) -> dict | None:
+    """A JSON object file's content; None where it is missing, damaged or not an object (the card goes without)."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _trained_tokens(run: Path) -> int | None:
+    """Tokens of the run's last logged step (None without a log); a last line cut off by a kill is skipped."""
     log = run / "log.jsonl"
     for line in reversed(log.read_text().splitlines() if log.is_file() else []):
         try:
             return json.loads(line)["tokens"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    return 0
+    return None
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def _shown(name: str) -> str:
+    """A model or run as a public card names it: a Hub id in full, a local path by its last part only."""
+    return f"`{name}`" if _is_hub_id(name) else f"`{Path(name).name}`"
 
 
 def _perplexity_section(run: Path | None) -> list[str]:
     """The card's lines for the perplexities `binarymos train --ppl` measured in the run (none without them)."""
-    path = None if run is None else run / "results.json"
-    if path is None or not path.is_file():
-        return []
-    results = json.loads(path.read_text())
-    if "perplexity" not in results:  # written before the windows were recorded: the rows alone
-        results = {"perplexity": results}
-    rows = results["perplexity"]
-    if not rows:
+    results = None if run is None else _json_object(run / "results.json")
+    rows = (results or {}).get("perplexity", results)  # written before the windows were recorded: the rows alone
+    if not rows or not all(isinstance(values, dict) for values in rows.values()):
         return []
     sets = list(next(iter(rows.values())))
     if "eval_seq_len" in results:
@@ -225,36 +240,38 @@ def _perplexity_section(run: Path | None) -> list[str]:
             f"As `binarymos train --ppl` measured it{how} (the field's protocol: 2048 tokens, all of WikiText-2's "
             "test split, the first 256 of C4's).", "",
             "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets),
-            *(f"| {label} | " + " | ".join(f"{values[s]:,.2f}" for s in sets) + " |" for label, values in rows.items()),
-            ""]
+            *(f"| {label} | " + " | ".join(f"{values.get(s, float('nan')):,.2f}" for s in sets) + " |"
+              for label, values in rows.items()), ""]
 
 
-def model_card(directory: Path, source: str, name: str) -> str:
-    """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it."""
+def model_card(directory: Path, source: str, name: str, trained: bool) -> str:
+    """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it.
+    ``trained``: the source was a trained binarized model (else it was binarized when packed)."""
     from .footprint import report
-    from .train import run_settings
 
     quant = json.loads((directory / "config.json").read_text())["quantization_config"]
     experts = quant["num_experts"]
     what = {"sign": "one static scale per output row (the static sign baseline: sign(W) times the row's mean |W|)",
             "mos": "OneBit's input and output scale vectors (BinaryMoS with one expert)" if experts == 1 else
                    f"BinaryMoS's {experts} scaling experts, which a router mixes per token"}[quant["method"]]
-    run = _run_of(source)
-    if run is None:
+    run = _run_of(source) if trained else None
+    settings = (_json_object(run / "train_config.json") or {}) if run else {}
+    if not trained:
         origin, base = "not trained: binarized when packed", source
+    elif not settings:
+        origin, base = "trained; its run's settings are not beside it", ""
     else:
-        settings = run_settings(run)
-        origin = (f"distilled from `{settings.get('model')}` on `{settings.get('data')}`, recipe "
-                  f"`{settings.get('recipe')}`, {_trained_tokens(run):,} tokens (run `{run}`)")
+        tokens = _trained_tokens(run)
+        origin = (f"distilled from {_shown(str(settings.get('model')))} on {_shown(str(settings.get('data')))}, "
+                  f"recipe `{settings.get('recipe')}`" + (f", {tokens:,} tokens" if tokens is not None else ""))
         base = str(settings.get("model"))
     sizes = report(directory=str(directory))
     stored, fp16 = sizes["measured"]["tensor_bytes"], sizes["bytes"]["fp16"]
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists()
     front = ["---", "library_name: transformers", "tags:", "- binarymos", "- 1-bit", "- binarization"]
-    front += [f"base_model: {base}"] if hub_id else []
+    front += [f"base_model: {base}"] if _is_hub_id(base) else []
     return "\n".join(front + ["---", "", f"# {name}", "",
-        f"A 1-bit model packed by binarymos from `{source}`: every linear layer of its decoder blocks keeps only "
-        f"the signs of its weights, 8 per byte, and {what}; scales, router and the layers left dense in "
+        f"A 1-bit model packed by binarymos from {_shown(source)}: every linear layer of its decoder blocks keeps "
+        f"only the signs of its weights, 8 per byte, and {what}; scales, router and the layers left dense in "
         f"{quant['dtype']}.", "",
         "| | |", "|---|---|",
         f"| training | {origin} |",
@@ -270,7 +287,8 @@ def model_card(directory: Path, source: str, name: str) -> str:
 
 
 def _binarized(source: str, num_experts: int | None, method: str | None):
-    """(binarized model, tokenizer) from a run directory, a trained model, or a plain model binarized now."""
+    """(binarized model, tokenizer, whether it was trained) from a run directory, a trained model, or a plain
+    model binarized now."""
     from .models import load_model
 
     path = Path(source)
@@ -281,11 +299,12 @@ def _binarized(source: str, num_experts: int | None, method: str | None):
     model, tokenizer = load_model(str(path) if path.exists() else source)
     trained = getattr(model.config, "binarymos", None)
     if trained is None:
-        return binarize(model, BinaryMoSConfig(num_experts=num_experts or 4, method=method or "mos")).eval(), tokenizer
+        config = BinaryMoSConfig(num_experts=num_experts or 4, method=method or "mos")
+        return binarize(model, config).eval(), tokenizer, False
     for key, asked in (("num_experts", num_experts), ("method", method)):
         if asked is not None and asked != trained[key]:
             raise ValueError(f"{source} was trained with {key}={trained[key]}, not {asked}")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, True
 
 
 def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
@@ -494,7 +513,8 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     """The packed model in ``directory``, validated, in eval mode.
 
     device: default cuda when available, else cpu. dtype: the compute dtype of the 16-bit tensors;
-    default float32 on CPU (bit-exact with the unpacked model), the stored 16-bit dtype elsewhere.
+    default float32 on CPU (the unpacked model's numbers: bit-exact from 3 tokens a call on, within float32 rounding
+    for 1-2 through byte tables), the stored 16-bit dtype elsewhere.
     """
     from transformers import AutoModelForCausalLM
 

@@ -6,10 +6,11 @@ stores it (signs packed 8 per byte along the input, least significant bit first,
     G = softmax(x @ router.T) in float32,  s_in = G @ scale_in,  s_out = G @ scale_out
     y = ((x * s_in) @ B.T) * s_out + bias
 
-On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.triton_kernels``
-(imported on first use, so CPU users never need Triton); everywhere else it runs the same formula
-in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS tokens through a table of each byte's signed
-sums (``binary_mos_linear_lut``), else on the unpacked signs. With one expert the router may be
+On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.triton_kernels`` for
+fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
+float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
+tokens through a table of each byte's signed sums (``binary_mos_linear_lut``), else on the unpacked
+signs. With one expert the router may be
 None: the scales are then scale_in[0] and scale_out[0], as in OneBit.
 """
 from __future__ import annotations
@@ -31,8 +32,9 @@ def triton_available() -> bool:
 
 def binary_mos_linear(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
                       scale_in: torch.Tensor, scale_out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The packed layer's forward: Triton kernels on CUDA when Triton imports, else plain PyTorch."""
-    if x.is_cuda and triton_available():
+    """The packed layer's forward: Triton kernels for 16-bit activations on CUDA when Triton imports, else plain
+    PyTorch."""
+    if x.is_cuda and triton_available() and x.dtype in (torch.float16, torch.bfloat16):
         from .triton_kernels import binary_mos_linear_triton
 
         return binary_mos_linear_triton(x, packed_weight, router, scale_in, scale_out, bias)
@@ -70,15 +72,17 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
                           scale_in: torch.Tensor, scale_out: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's numbers for a few tokens without unpacking the weight: for every token, byte position g
-    and byte value v, table[g, v] = sum_j xs[8g + j] * (+1 if bit j of v else -1), in float32; then
+    and byte value v, table[g, v] = sum_j xs[8g + j] * (+1 if bit j of v else -1), in float32 (or x's dtype if
+    wider); then
     y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's dtype
     first and y after, as the reference and the kernels round them."""
     from ..nn import byte_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
     out_features, groups = packed_weight.shape
-    xs = F.pad((x * s_in).reshape(-1, x.shape[-1]).float(), (0, 8 * groups - x.shape[-1]))
-    table = xs.view(-1, groups, 8) @ byte_signs(torch.float32, x.device).T  # (tokens, groups, 256)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xs = F.pad((x * s_in).reshape(-1, x.shape[-1]).to(acc), (0, 8 * groups - x.shape[-1]))
+    table = xs.view(-1, groups, 8) @ byte_signs(acc, x.device).T  # (tokens, groups, 256)
     index = packed_weight.to(torch.int32) + 256 * torch.arange(groups, dtype=torch.int32, device=x.device)
     y = table.flatten(1).index_select(1, index.flatten()).view(len(xs), out_features, groups).sum(-1)
     y = y.to(x.dtype).view(*x.shape[:-1], out_features) * s_out
