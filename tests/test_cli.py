@@ -54,7 +54,7 @@ def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
 
 
 def test_train_options_default_to_the_training_configs_defaults():
-    """--resume takes the run's value for every option left at its default, so both must agree."""
+    """`binarymos train` with no options trains what train(TrainConfig()) trains."""
     import dataclasses
 
     from binarymos.cli import build_parser

@@ -10,8 +10,8 @@ On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.t
 fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
 float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
 tokens through a table of each byte's signed sums (``binary_mos_linear_lut``), else on the unpacked
-signs. With one expert the router may be
-None: the scales are then scale_in[0] and scale_out[0], as in OneBit.
+signs. With one expert the router may be None: the scales are then scale_in[0] and scale_out[0], as
+in OneBit.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-__all__ = ["binary_mos_linear", "binary_mos_linear_lut", "binary_mos_linear_reference", "scale_rows", "scale_rows_backward",
-           "scale_rows_backward_reference", "scale_rows_reference", "triton_available"]
+__all__ = ["binary_mos_linear", "binary_mos_linear_lut", "binary_mos_linear_reference", "scale_rows",
+           "scale_rows_backward", "scale_rows_backward_reference", "scale_rows_reference", "triton_available"]
 
 
 @functools.cache
@@ -73,9 +73,8 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference's numbers for a few tokens without unpacking the weight: for every token, byte position g
     and byte value v, table[g, v] = sum_j xs[8g + j] * (+1 if bit j of v else -1), in float32 (or x's dtype if
-    wider); then
-    y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's dtype
-    first and y after, as the reference and the kernels round them."""
+    wider); then y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's
+    dtype first and y after, as the reference and the kernels round them."""
     from ..nn import byte_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
