@@ -5,6 +5,7 @@ import pytest
 import torch
 from pack_helpers import SPECIALS, encode, tiny_lm, tiny_tokenizer
 
+from binarymos.analyze import analyze
 from binarymos.cli import main
 from binarymos.models import load_model
 from binarymos.train import TrainConfig, train
@@ -42,6 +43,11 @@ def test_analyze_draws_readable_pngs_and_the_gates_of_the_chosen_layers(run_dir,
         expected = torch.softmax(x @ block.self_attn.q_proj.router.weight.T, -1)
     torch.testing.assert_close(torch.tensor(summary["gates"]["model.layers.0.self_attn.q_proj"]), expected)
     assert all(v["s_in"] > 0 and v["s_out"] > 0 for v in summary["relative_spread"].values())
+
+
+def test_a_runs_model_directory_is_analysed_with_its_runs_loss_curve(run_dir, tmp_path):
+    summary = analyze(run_dir / "model", tmp_path / "pictures", layers="0")
+    assert summary["log_records"] == 6 and (tmp_path / "pictures" / "loss.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("layers, message", [("7", "block 7 out of range"), ("*.nothing", "no BinaryMoS layer")])

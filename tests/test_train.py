@@ -90,6 +90,41 @@ def test_same_seed_same_run_and_kill_then_resume_reaches_the_same_weights(teache
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_hard_kill_after_the_checkpoint_leaves_a_log_that_reads_as_one_history(teacher_dir, text_file, tmp_path,
+                                                                                  monkeypatch):
+    killed_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(teacher_dir, text_file, tmp_path / "run"))
+    monkeypatch.undo()
+    log = tmp_path / "run" / "log.jsonl"
+    # what a SIGKILL leaves: steps 4 and 5 logged after the step-3 checkpoint, the second line cut short
+    log.write_text(log.read_text() + '{"step": 4, "tokens": 1, "loss": 9.0}\n{"step": 5, "tok')
+    train(cfg(teacher_dir, text_file, tmp_path / "run", resume=True))
+    lines = log.read_text().splitlines()
+    assert lines[4] == '{"step": 5, "tok'  # the cut line stays apart: the resumed records start on their own lines
+    resumed = [json.loads(line) for line in lines[5:]]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    records = train_mod.read_log(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[3:] == resumed  # the steps trained again, not the ones the kill lost
+    assert train_mod.read_log(tmp_path / "no-run") == []
+
+
+def test_a_run_directory_names_its_model_and_its_model_names_its_run(tmp_path):
+    run, plain, unfinished = tmp_path / "run", tmp_path / "plain", tmp_path / "unfinished"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (plain / "model").mkdir(parents=True)  # a model of its own, with a folder named model/ inside
+    (plain / "config.json").write_text("{}")
+    unfinished.mkdir()
+    (unfinished / "train_config.json").write_text("{}")  # killed before its model was saved
+    assert train_mod.run_model(run) == run / "model" and train_mod.run_model(run / "model") == run / "model"
+    assert train_mod.run_model(plain) == plain and train_mod.run_model(unfinished) == unfinished
+    assert train_mod.run_of(run) == run and train_mod.run_of(run / "model") == run
+    assert train_mod.run_of(plain) is None and train_mod.run_of(plain / "model") is None
+    assert train_mod.run_of(unfinished) is None
+
+
 def test_resuming_with_other_settings_is_refused_and_changes_nothing(teacher_dir, text_file, tmp_path, monkeypatch):
     sigterm_during_step(monkeypatch, 1)
     with pytest.raises(TrainingStopped):

@@ -20,6 +20,7 @@ import torch
 from .convert import binarized_layers, decoder_blocks
 from .data import leading_bos
 from .nn import BinaryMoSLinear
+from .train import read_log, run_model, run_of
 
 DEFAULT_TEXT = "The capital of France is Paris, a city known for its art, its food and the Eiffel Tower."
 CHANNELS = 24  # channels drawn per scale panel: those whose per-token scale varies most
@@ -136,8 +137,7 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
     from .models import load_model
 
     plt = _pyplot()
-    run = Path(run)
-    model_dir = run / "model" if (run / "model" / "config.json").exists() else run
+    model_dir = run_model(run)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"analyze: {run} is neither a run directory nor a trained model directory")
     model, tokenizer = load_model(str(model_dir))
@@ -162,9 +162,8 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
     summary = {"text": text, "tokens": labels, "gates": {n: g.tolist() for n, g in gates.items()},
                "relative_spread": {n: {side: ((v - static).abs().mean() / static.abs().mean()).item()
                                        for side, (v, static) in sides.items()} for n, sides in scales.items()}}
-    log = run / "log.jsonl"
-    if log.exists():
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_log(run_of(run) or run)
+    if records:
         plot_loss(plt, records, out / "loss.png")
         summary["log_records"] = len(records)
     (out / "analyze.json").write_text(json.dumps(summary, indent=2))

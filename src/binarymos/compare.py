@@ -116,9 +116,11 @@ def _collect(name: str, run, model: str, out: Path, status: tuple[int, float], c
     evaluation = out / f"{name}.eval.json"
     if evaluation.exists():
         result.update(next(iter(json.loads(evaluation.read_text()).values())))
-    log = out / name / "log.jsonl"
-    if log.exists() and log.read_text().strip():
-        last = json.loads(log.read_text().splitlines()[-1])
+    from .train import read_log
+
+    records = read_log(out / name)
+    if records:
+        last = records[-1]
         # the training loop's own time: model loading and evaluation are not counted
         result.update(trained_tokens=last["tokens"], final_loss=last["loss"], final_kl=last["kl"],
                       train_minutes=last["train_seconds"] / 60)

@@ -185,16 +185,6 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
     return out
 
 
-def _run_of(source: str) -> Path | None:
-    """The training run of a trained model: ``source`` itself if it is a run directory, or the run that holds it
-    as its model/."""
-    path = Path(source)
-    for run in (path, path.parent if path.name == "model" else None):
-        if run is not None and (run / "train_config.json").is_file() and (run / "model").is_dir():
-            return run
-    return None
-
-
 def _json_object(path: Path) -> dict | None:
     """A JSON object file's content; None where it is missing, damaged or not an object (the card goes without)."""
     try:
@@ -202,17 +192,6 @@ def _json_object(path: Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return content if isinstance(content, dict) else None
-
-
-def _trained_tokens(run: Path) -> int | None:
-    """Tokens of the run's last logged step (None without a log); a last line cut off by a kill is skipped."""
-    log = run / "log.jsonl"
-    for line in reversed(log.read_text().splitlines() if log.is_file() else []):
-        try:
-            return json.loads(line)["tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return None
 
 
 def _is_hub_id(name: str) -> bool:
@@ -248,20 +227,21 @@ def model_card(directory: Path, source: str, name: str, trained: bool) -> str:
     """README.md of a packed directory, as the Hub shows it: what it holds, where it comes from, how to load it.
     ``trained``: the source was a trained binarized model (else it was binarized when packed)."""
     from .footprint import report
+    from .train import read_log, run_of
 
     quant = json.loads((directory / "config.json").read_text())["quantization_config"]
     experts = quant["num_experts"]
     what = {"sign": "one static scale per output row (the static sign baseline: sign(W) times the row's mean |W|)",
             "mos": "OneBit's input and output scale vectors (BinaryMoS with one expert)" if experts == 1 else
                    f"BinaryMoS's {experts} scaling experts, which a router mixes per token"}[quant["method"]]
-    run = _run_of(source) if trained else None
+    run = run_of(source) if trained else None
     settings = (_json_object(run / "train_config.json") or {}) if run else {}
     if not trained:
         origin, base = "not trained: binarized when packed", source
     elif not settings:
         origin, base = "trained; its run's settings are not beside it", ""
     else:
-        tokens = _trained_tokens(run)
+        tokens = next((record["tokens"] for record in reversed(read_log(run)) if "tokens" in record), None)
         origin = (f"distilled from {_shown(str(settings.get('model')))} on {_shown(str(settings.get('data')))}, "
                   f"recipe `{settings.get('recipe')}`" + (f", {tokens:,} tokens" if tokens is not None else ""))
         base = str(settings.get("model"))
@@ -290,10 +270,9 @@ def _binarized(source: str, num_experts: int | None, method: str | None):
     """(binarized model, tokenizer, whether it was trained) from a run directory, a trained model, or a plain
     model binarized now."""
     from .models import load_model
+    from .train import run_model
 
-    path = Path(source)
-    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "model"  # a run directory
+    path = run_model(source)
     if is_packed(path):
         raise ValueError(f"{source} is packed already")
     model, tokenizer = load_model(str(path) if path.exists() else source)

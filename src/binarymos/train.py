@@ -180,6 +180,40 @@ def run_settings(out: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a run's settings ({err})") from err
 
 
+def run_model(path: str | os.PathLike) -> Path:
+    """The model directory ``path`` names: a run directory's model/ (a directory that is no model itself and holds
+    one in model/), else ``path``."""
+    path = Path(path)
+    is_run = (path / "model" / "config.json").is_file() and not (path / "config.json").is_file()
+    return path / "model" if is_run else path
+
+
+def run_of(path: str | os.PathLike) -> Path | None:
+    """The run directory that trained the model ``path`` names (a run directory or its model/), None for others."""
+    path = Path(path)
+    runs = [run for run in (path, path.parent) if path in (run, run / "model") and run_model(run) == run / "model"]
+    return runs[0] if runs else None
+
+
+def read_log(out: str | os.PathLike) -> list[dict]:
+    """The records of the run's log.jsonl, one per logged step in step order ([] without a log). A line that does
+    not parse (the last one, when a kill cut its write short) is skipped; where a run killed without a checkpoint
+    was resumed from an earlier one, the steps it trained again replace the ones the kill lost."""
+    path = Path(out) / "log.jsonl"
+    records: list[dict] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        while records and record.get("step", math.inf) <= records[-1].get("step", -math.inf):
+            records.pop()
+        records.append(record)
+    return records
+
+
 def resume_settings(out: str | os.PathLike, given: dict) -> dict:
     """TrainConfig fields that continue the run in ``out``: the run's own settings with ``given`` (the options a
     command line sets) over them, so that `binarymos train --out RUN --resume` needs none of the options the run
@@ -543,6 +577,9 @@ def train(cfg: TrainConfig):
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
                unit="step" if steps else "s", dynamic_ncols=True, disable=not env.is_main)
+    if env.is_main and log_path.is_file() and log_path.read_bytes()[-1:] not in (b"", b"\n"):
+        with open(log_path, "a") as log:  # a line a kill cut short: the resumed records start on lines of their own
+            log.write("\n")
     with bar, open(log_path if env.is_main else os.devnull, "a") as log, _StopOnSigterm() as stop:  # one log: rank 0's
         t0, step, unlogged = time.perf_counter(), start, None
         while steps is None or step < steps:
