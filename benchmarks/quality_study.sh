@@ -11,7 +11,8 @@
 #   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
-#                                   # (NAME:MINUTES; NAME e4, e1, e2, e8, paper, b16, bw50, lr2 or alltext: lanes-alone below)
+#                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bw50, lr2,
+#                                   # norms or alltext: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -282,15 +283,20 @@ EOF
         --students "$W/real/model,$W/text16k/model" --out "$W/heldout-kl.md" > "$W/heldout-kl.log" 2>&1
     touch "$W/done"
     ;;
-lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:MINUTES of RUNS (default "e4:20") alone on the
-    # GPU, one after the other, so that their tokens per minute are their own: NAME e4 is the default recipe at E=4,
-    # e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch 16, bw50
-    # --blockwise 0.5, lr2 both learning rates doubled, alltext all the offline real text (c4_wiki and calib: 1.32 M
-    # tokens, 2.1x c4_wiki's); batch 8, no checkpointing, --bf16-compute, plus $TRAIN_ARGS
-    # (EVAL_WINDOWS shortens the evaluations of short screening runs)
+lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET of RUNS (default "e4:20") alone on the
+    # GPU, one after the other, so that their tokens per minute are their own. BUDGET is minutes of training, or
+    # millions of tokens with an M (10M: comparable across machines of different speed). NAME e4 is the default
+    # recipe at E=4, e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
+    # 16, bw50 --blockwise 0.5, lr2 both learning rates doubled, norms --train-norms, alltext all the offline real
+    # text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's); batch 8, no checkpointing, --bf16-compute, plus
+    # $TRAIN_ARGS (EVAL_WINDOWS shortens the evaluations of short screening runs)
     python -c "from binarymos.models import loadable; loadable('$M')"
     for run in ${RUNS:-e4:20}; do
-        name=${run%%:*} minutes=${run##*:}
+        name=${run%%:*} budget=${run##*:}
+        case $budget in
+        *M) budget_args="--max-tokens $(awk "BEGIN { print int(${budget%M} * 1000000) }")" label=${budget}tok ;;
+        *) budget_args="--max-minutes $budget" label=${budget}min ;;
+        esac
         case $name in
         e4) extra= ;;
         e1 | e2 | e8) extra="-E ${name#e}" ;;
@@ -298,10 +304,11 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:MINUTES 
         b16) extra="--batch-size 16" ;;
         bw50) extra="--blockwise 0.5" ;;
         lr2) extra="--lr-weight 4e-4 --lr-scale 2e-2" ;;
+        norms) extra="--train-norms" ;;
         alltext) extra="--data c4_wiki,calib" ;;
         *) echo "unknown run $name" >&2; continue ;;
         esac
-        timed_run 0 "alone-$name-${minutes}min" "$minutes" --batch-size 8 --no-grad-checkpointing --bf16-compute \
+        trained 0 "alone-$name-$label" $budget_args --batch-size 8 --no-grad-checkpointing --bf16-compute \
             $extra ${TRAIN_ARGS:-}
     done
     touch "$W/done"
