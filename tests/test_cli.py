@@ -121,3 +121,13 @@ def test_train_stopped_by_sigterm_exits_143_with_one_line_and_keeps_the_step(tea
     code, _, err = run(capsys, *argv)
     assert code == 143 and err.splitlines()[-1].startswith("binarymos: stopped by SIGTERM after step 1; ")
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_version_is_the_packages(capsys):
+    import tomllib
+    from pathlib import Path
+
+    version = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"binarymos {version}\n"

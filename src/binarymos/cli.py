@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .data import DEFAULT_DATA
 from .models import DEFAULT_MODEL
 
@@ -266,6 +267,7 @@ def _cmd_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="binarymos", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     parser.verb_parsers = verbs.choices  # name -> the verb's parser
 
