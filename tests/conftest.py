@@ -20,9 +20,18 @@ TINY = {
     "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128},
 }
 ARCHS = list(TINY)
+# more families, checked once each (test_pack.py's round trip): the generic block finder and layer swap cover them
+MORE_TINY = {
+    "olmo": {}, "olmo2": {}, "olmo3": {}, "granite": {}, "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16},
+    "phi": {}, "falcon": {"num_kv_heads": 1, "new_decoder_architecture": True}, "starcoder2": {},
+    "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128}, "stablelm": {}, "cohere": {},
+    "smollm3": {}, "glm": {"head_dim": 16}, "helium": {"head_dim": 16}, "exaone4": {}, "seed_oss": {"head_dim": 16},
+    "gptj": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "rotary_dim": 8},
+    "bloom": {"n_head": 2, "n_layer": 2},
+}
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
     kwargs = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -30,7 +39,7 @@ def tiny_config(model_type: str):
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if model_type == "gpt2":
         kwargs = dict(vocab_size=128, bos_token_id=1, eos_token_id=2)
-    kwargs.update(TINY[model_type])
+    kwargs.update({**TINY, **MORE_TINY}.get(model_type, {}), **overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -7,14 +7,14 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, tiny_config, tiny_model
+from conftest import ARCHS, MORE_TINY, tiny_config, tiny_model
 from pack_helpers import binarized, logits, packed_dir, reference, tiny_tokenizer
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import binarymos
-from binarymos import BinaryMoSConfig, binarize, cli
+from binarymos import BinaryMoSConfig, UnsupportedModelError, binarize, cli
 from binarymos.convert import binarized_layers
 from binarymos.nn import PackedBinaryMoSLinear
 from binarymos.pack import PackFormatError, pack_model, save
@@ -27,6 +27,31 @@ def test_round_trip_is_bit_exact(arch, tmp_path):
     loaded = binarymos.load(packed_dir(model, tmp_path / "packed"), device="cpu", dtype=torch.float32)
     assert any(isinstance(m, PackedBinaryMoSLinear) for m in loaded.modules())
     assert torch.equal(logits(loaded), want)
+
+
+@pytest.mark.parametrize("arch", MORE_TINY)
+def test_more_families_binarize_every_projection_and_round_trip_bit_exactly(arch, tmp_path):
+    model = tiny_model(arch)
+    dense = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".0." in name}
+    model = binarized(model)
+    assert dense == {name for name in binarized_layers(model) if ".0." in name}  # every projection of block 0
+    want = logits(reference(model))
+    assert torch.equal(logits(binarymos.load(packed_dir(model, tmp_path / "packed"), device="cpu")), want)
+
+
+def test_a_mixture_of_experts_model_binarizes_around_its_fused_experts(tmp_path):
+    """The README's way for Mixtral-like models: their experts are 3-D tensors, not linear layers; kept in full
+    precision with the router, the attention projections are binarized and the model round-trips."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", num_local_experts=2, num_experts_per_tok=1)).eval()
+    with pytest.raises(UnsupportedModelError, match="mlp.gate"):
+        binarize(copy.deepcopy(model), BinaryMoSConfig())
+    keep = ["*.mlp.experts", "*.mlp.gate"]
+    model = binarize(model, BinaryMoSConfig(num_experts=2, modules_to_not_convert=keep)).eval()
+    assert sorted(name.split(".", 3)[3] for name in binarized_layers(model) if ".0." in name) == \
+        ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    want = logits(reference(model))
+    assert torch.equal(logits(binarymos.load(packed_dir(model, tmp_path / "packed"), device="cpu")), want)
 
 
 @pytest.mark.parametrize("arch, num_experts, method", [("llama", 1, "mos"), ("gpt2", 1, "sign"), ("qwen2", 1, "sign")])
