@@ -174,6 +174,22 @@ def test_the_cpu_products_match_the_formula_in_float64(dtype, tol, in_f, out_f, 
     assert packed(torch.randn(0, in_f).to(dtype)).shape == (0, out_f)
 
 
+@pytest.mark.parametrize("chunk", [1, 600, 1 << 20])  # one row a step (chunk < a row), 3 rows with a rest, all
+def test_the_cpu_products_in_chunks_of_rows_match_the_formula_in_float64(monkeypatch, chunk):
+    from pack_helpers import make_layer, reference64, rel_err
+
+    from binarymos import kernels
+
+    # 200 inputs, 25 bytes a row: 600 signs or 75 table entries are 3 rows a step, and 70 rows = 23 * 3 + 1
+    monkeypatch.setattr(kernels, "UNPACK_CHUNK", chunk)
+    monkeypatch.setattr(kernels, "LUT_CHUNK", chunk // 8)
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(200, 70, 4, True), dtype=torch.float32)
+    args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
+    x = torch.randn(2, 200)
+    for product in (kernels.binary_mos_linear_lut, kernels.binary_mos_linear_reference):
+        assert rel_err(product(x, *args), reference64(x, *args)) < 1e-6
+
+
 def test_unpacked_signs_are_the_packed_bits():
     from binarymos.nn import pack_signs, unpack_signs
 

@@ -54,18 +54,30 @@ def _token_scales(x, router, scale_in, scale_out) -> tuple[torch.Tensor, torch.T
 def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
                                 scale_in: torch.Tensor, scale_out: torch.Tensor,
                                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The formula of SPEC.md on the unpacked signs, in x's dtype (the kernels' ground truth)."""
+    """The formula of SPEC.md on the unpacked signs, in x's dtype (the kernels' ground truth). The signs are unpacked
+    UNPACK_CHUNK at a time (whole output rows), so no call holds the layer's whole weight in x's dtype."""
     from ..nn import unpack_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
-    y = F.linear(x * s_in, unpack_signs(packed_weight, x.shape[-1], x.dtype)) * s_out
+    xs, rows = x * s_in, max(1, UNPACK_CHUNK // x.shape[-1])
+    y = torch.cat([F.linear(xs, unpack_signs(packed_weight[start:start + rows], x.shape[-1], x.dtype))
+                   for start in range(0, len(packed_weight), rows)], -1) * s_out
     return y if bias is None else y + bias.to(y.dtype)
+
+
+# Signs unpacked per step of the unpacked product: 4 MB in float32. Unpacking a 4096 -> 11008 layer whole allocated
+# 180 MB a call, and took 1.5-5.3x the time of these steps on 2 cores (docs/RESULTS.md, session 12).
+UNPACK_CHUNK = 1 << 20
 
 
 # Up to this many tokens the CPU reads the product through byte tables: on 2 cores (docs/RESULTS.md) as fast as
 # unpacking + matmul or up to 5.7x faster at 1-2 tokens on SmolLM2's and LLaMA-7B's shapes; at 4 tokens slower
 # on SmolLM2's (0.75-0.95x), at 8 slower on all.
 LUT_MAX_TOKENS = 2
+# The byte-table product gathers this many table entries (output rows x bytes per row) per step: intermediates of
+# 1-2 MB stay in cache and are reused instead of fresh allocations of the whole layer's size (22 MB at 4096 -> 11008,
+# whose page faults made the product 3-5x slower than this on 2 cores; docs/RESULTS.md).
+LUT_CHUNK = 1 << 18
 
 
 def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
@@ -74,7 +86,7 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
     """The reference's numbers for a few tokens without unpacking the weight: for every token, byte position g
     and byte value v, table[g, v] = sum_j xs[8g + j] * (+1 if bit j of v else -1), in float32 (or x's dtype if
     wider); then y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's
-    dtype first and y after, as the reference and the kernels round them."""
+    dtype first and y after, as the reference and the kernels round them. The lookups go LUT_CHUNK at a time."""
     from ..nn import byte_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
@@ -82,8 +94,13 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
     acc = torch.promote_types(x.dtype, torch.float32)
     xs = F.pad((x * s_in).reshape(-1, x.shape[-1]).to(acc), (0, 8 * groups - x.shape[-1]))
     table = xs.view(-1, groups, 8) @ byte_signs(acc, x.device).T  # (tokens, groups, 256)
-    index = packed_weight.to(torch.int32) + 256 * torch.arange(groups, dtype=torch.int32, device=x.device)
-    y = table.flatten(1).index_select(1, index.flatten()).view(len(xs), out_features, groups).sum(-1)
+    table, offsets = table.flatten(1), 256 * torch.arange(groups, dtype=torch.int32, device=x.device)
+    y = torch.empty(len(xs), out_features, dtype=acc, device=x.device)
+    rows = max(1, LUT_CHUNK // groups)
+    for start in range(0, out_features, rows):
+        chunk = packed_weight[start:start + rows]
+        index = (chunk.to(torch.int32) + offsets).flatten()
+        y[:, start:start + rows] = table.index_select(1, index).view(len(xs), len(chunk), groups).sum(-1)
     y = y.to(x.dtype).view(*x.shape[:-1], out_features) * s_out
     return y if bias is None else y + bias.to(y.dtype)
 
