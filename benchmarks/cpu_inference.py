@@ -8,8 +8,8 @@ LUT_CHUNK table entries) and, as before, the whole layer in one step.
 End to end: tokens/s of greedy decoding of SmolLM2-135M (or,
 with ``--decoder llama-1b``, random weights of TinyLlama-1.1B's shape) in float32 and of the same model binarized
 (E=4, untrained: speed needs no trained weights), packed and loaded with ``binarymos.load``, each through
-transformers' ``generate``; the packed model also with the byte tables off and with the old unpacking, in
-interleaved rounds.
+transformers' ``generate``; the packed model also with the byte tables compiled (CPU_COMPILE), with them off,
+and with the old unpacking, in interleaved rounds.
 
     PYTHONPATH=src python benchmarks/cpu_inference.py --out cpu_inference.md
 """
@@ -120,21 +120,22 @@ def decode_rows(name: str, new_tokens: int, repeats: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         save(pack_model(binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=4))), tmp, tokenizer)
         packed = binarymos.load(tmp)
-    shipped = (kernels.LUT_MAX_TOKENS, nn.unpack_signs)
+    shipped = (kernels.LUT_MAX_TOKENS, nn.unpack_signs, kernels.CPU_COMPILE)
     variants = {f"{name}, float32": (teacher, shipped),
                 f"packed E=4, as shipped (byte tables for <= {kernels.LUT_MAX_TOKENS} tokens)": (packed, shipped),
-                "packed E=4, unpack by table + matmul only": (packed, (0, nn.unpack_signs)),
-                "packed E=4, unpack by shifts + matmul (before session 10)": (packed, (0, unpack_by_shifts))}
+                "packed E=4, byte tables compiled (`generate --compile`)": (packed, (*shipped[:2], True)),
+                "packed E=4, unpack by table + matmul only": (packed, (0, nn.unpack_signs, False)),
+                "packed E=4, unpack by shifts + matmul (before session 10)": (packed, (0, unpack_by_shifts, False))}
     rates = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, (model, (lut_tokens, unpack)) in variants.items():
-            kernels.LUT_MAX_TOKENS, nn.unpack_signs = lut_tokens, unpack
+        for name, (model, (lut_tokens, unpack, compiled)) in variants.items():
+            kernels.LUT_MAX_TOKENS, nn.unpack_signs, kernels.CPU_COMPILE = lut_tokens, unpack, compiled
             with torch.no_grad():
                 model.generate(prompt, max_new_tokens=2, do_sample=False)
                 start = time.perf_counter()
                 model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             rates[name].append(new_tokens / (time.perf_counter() - start))
-    kernels.LUT_MAX_TOKENS, nn.unpack_signs = shipped
+    kernels.LUT_MAX_TOKENS, nn.unpack_signs, kernels.CPU_COMPILE = shipped
     rows = [f"| model (batch 1, greedy, {new_tokens} tokens) | tokens/s, median of {repeats} | all rounds |",
             "|---|---:|---|"]
     for name, values in rates.items():

@@ -26,9 +26,15 @@ def greedy(model, ids, steps, eos):
     return ids
 
 
-def test_greedy_matches_reference(packed, capsys):
+@pytest.mark.parametrize("compiled", [False, True])  # --compile: the CPU's byte-table lookups through torch.compile
+def test_greedy_matches_reference(packed, capsys, monkeypatch, compiled):
+    from binarymos import kernels
+
+    monkeypatch.setattr(kernels, "CPU_COMPILE", False)  # restored afterwards: --compile sets it for the process
     ref, directory = packed
-    assert cli.main(["generate", str(directory), PROMPT, "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    options = ["--compile"] if compiled else []
+    assert cli.main(["generate", str(directory), PROMPT, "--max-new-tokens", "12", "--device", "cpu", *options]) == 0
+    assert kernels.CPU_COMPILE is compiled
     prompt = encode(PROMPT)
     want = decode(greedy(ref, prompt, 12, ref.config.eos_token_id)[len(prompt):])
     assert capsys.readouterr().out == want + "\n"

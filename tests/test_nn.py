@@ -190,6 +190,30 @@ def test_the_cpu_products_in_chunks_of_rows_match_the_formula_in_float64(monkeyp
         assert rel_err(product(x, *args), reference64(x, *args)) < 1e-6
 
 
+def test_the_compiled_byte_table_lookups_match_the_formula_in_float64(monkeypatch):
+    from pack_helpers import make_layer, reference64, rel_err
+
+    from binarymos import kernels
+
+    monkeypatch.setattr(kernels, "CPU_COMPILE", True)
+    args = None
+    for in_f, out_f, tokens in [(200, 70, 1), (72, 40, 2)]:  # one graph, shapes dynamic
+        packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, 4, True), dtype=torch.float32)
+        args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
+        x = torch.randn(tokens, in_f)
+        assert rel_err(kernels.binary_mos_linear_lut(x, *args), reference64(x, *args)) < 1e-6
+    assert kernels.CPU_COMPILE  # it compiled: no fallback
+
+    def no_compiler():
+        raise RuntimeError("InductorError: no C++ compiler\nmore lines")
+
+    monkeypatch.setattr(kernels, "_compiled_table_sums", no_compiler)
+    x = torch.randn(1, 72)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ compiler\)"):
+        y = kernels.binary_mos_linear_lut(x, *args)
+    assert not kernels.CPU_COMPILE and rel_err(y, reference64(x, *args)) < 1e-6
+
+
 def test_unpacked_signs_are_the_packed_bits():
     from binarymos.nn import pack_signs, unpack_signs
 

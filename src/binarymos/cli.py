@@ -188,6 +188,10 @@ def _cmd_generate(args) -> None:
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError("generate: needs --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.compile:
+        from . import kernels
+
+        kernels.CPU_COMPILE = True
     model, tokenizer = _load_for_inference(args.model, args.device)
     torch.manual_seed(args.seed)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
@@ -392,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="on the CPU: the packed layers' byte-table lookups through "
+                   "torch.compile (needs a C++ compiler, ~5 s once; as BINARYMOS_CPU_COMPILE=1)")
     p.set_defaults(func=_cmd_generate)
 
     p = verbs.add_parser("compare", help="several methods at one budget (tokens or minutes): perplexity, tokens, "

@@ -9,14 +9,16 @@ stores it (signs packed 8 per byte along the input, least significant bit first,
 On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.triton_kernels`` for
 fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
 float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
-tokens through a table of each byte's signed sums (``binary_mos_linear_lut``), else on the unpacked
-signs. With one expert the router may be None: the scales are then scale_in[0] and scale_out[0], as
+tokens through a table of each byte's signed sums (``binary_mos_linear_lut``; its lookups compiled with
+BINARYMOS_CPU_COMPILE=1), else on the unpacked signs. With one expert the router may be None: the scales are then scale_in[0] and scale_out[0], as
 in OneBit.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,39 @@ LUT_MAX_TOKENS = 2
 # 1-2 MB stay in cache and are reused instead of fresh allocations of the whole layer's size (22 MB at 4096 -> 11008,
 # whose page faults made the product 3-5x slower than this on 2 cores; docs/RESULTS.md).
 LUT_CHUNK = 1 << 18
+# On the CPU, BINARYMOS_CPU_COMPILE=1 (or `binarymos generate --compile`) runs the byte tables' lookups through
+# torch.compile instead: inductor's C++ sums each row's lookups in one loop, with nothing gathered in between; on 2
+# cores 1.2-2.1x faster than dense float32 on LLaMA-sized layers (docs/RESULTS.md). It needs a C++ compiler and
+# compiles once per process (~5 s); where compiling fails the lookups go on as below, with a warning.
+CPU_COMPILE = os.environ.get("BINARYMOS_CPU_COMPILE", "") == "1"
+
+
+def _table_sums(table: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    """y[t, o] = sum_g table[t, 256 g + packed[o, g]] for table (tokens, 256 * groups) and packed (out, groups)."""
+    rows, groups = packed_weight.shape
+    offsets = 256 * torch.arange(groups, dtype=torch.int32, device=packed_weight.device)
+    index = (packed_weight.to(torch.int32) + offsets).flatten()
+    return table.index_select(1, index).view(len(table), rows, groups).sum(-1)
+
+
+@functools.cache
+def _compiled_table_sums():
+    return torch.compile(_table_sums, dynamic=True)
+
+
+def _cpu_table_sums(table: torch.Tensor, packed_weight: torch.Tensor, out: torch.Tensor) -> None:
+    global CPU_COMPILE
+    if CPU_COMPILE:
+        try:
+            out.copy_(_compiled_table_sums()(table, packed_weight))
+            return
+        except Exception as err:  # no C++ compiler, or inductor cannot build here: the plain lookups give the same
+            CPU_COMPILE = False
+            warnings.warn(f"binarymos: BINARYMOS_CPU_COMPILE: torch.compile failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); using the plain lookups")
+    rows = max(1, LUT_CHUNK // packed_weight.shape[1])
+    for start in range(0, len(packed_weight), rows):
+        out[:, start:start + rows] = _table_sums(table, packed_weight[start:start + rows])
 
 
 def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
@@ -86,7 +121,8 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
     """The reference's numbers for a few tokens without unpacking the weight: for every token, byte position g
     and byte value v, table[g, v] = sum_j xs[8g + j] * (+1 if bit j of v else -1), in float32 (or x's dtype if
     wider); then y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's
-    dtype first and y after, as the reference and the kernels round them. The lookups go LUT_CHUNK at a time."""
+    dtype first and y after, as the reference and the kernels round them. The lookups go LUT_CHUNK at a time, or
+    compiled (CPU_COMPILE)."""
     from ..nn import byte_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
@@ -94,13 +130,8 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
     acc = torch.promote_types(x.dtype, torch.float32)
     xs = F.pad((x * s_in).reshape(-1, x.shape[-1]).to(acc), (0, 8 * groups - x.shape[-1]))
     table = xs.view(-1, groups, 8) @ byte_signs(acc, x.device).T  # (tokens, groups, 256)
-    table, offsets = table.flatten(1), 256 * torch.arange(groups, dtype=torch.int32, device=x.device)
     y = torch.empty(len(xs), out_features, dtype=acc, device=x.device)
-    rows = max(1, LUT_CHUNK // groups)
-    for start in range(0, out_features, rows):
-        chunk = packed_weight[start:start + rows]
-        index = (chunk.to(torch.int32) + offsets).flatten()
-        y[:, start:start + rows] = table.index_select(1, index).view(len(xs), len(chunk), groups).sum(-1)
+    _cpu_table_sums(table.flatten(1), packed_weight, y)
     y = y.to(x.dtype).view(*x.shape[:-1], out_features) * s_out
     return y if bias is None else y + bias.to(y.dtype)
 
