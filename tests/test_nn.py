@@ -1,4 +1,6 @@
 """BinaryMoSLinear, OneBit (E=1) and the static sign baseline against the formulas written out in float64."""
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -190,25 +192,37 @@ def test_the_cpu_products_in_chunks_of_rows_match_the_formula_in_float64(monkeyp
         assert rel_err(product(x, *args), reference64(x, *args)) < 1e-6
 
 
+def _packed_args(in_f, out_f):
+    from pack_helpers import make_layer
+
+    packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, 4, True), dtype=torch.float32)
+    return packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs C++")
 def test_the_compiled_byte_table_lookups_match_the_formula_in_float64(monkeypatch):
-    from pack_helpers import make_layer, reference64, rel_err
+    from pack_helpers import reference64, rel_err
 
     from binarymos import kernels
 
     monkeypatch.setattr(kernels, "CPU_COMPILE", True)
-    args = None
     for in_f, out_f, tokens in [(200, 70, 1), (72, 40, 2)]:  # one graph, shapes dynamic
-        packed = PackedBinaryMoSLinear.from_binarized(make_layer(in_f, out_f, 4, True), dtype=torch.float32)
-        args = (packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias)
-        x = torch.randn(tokens, in_f)
+        args, x = _packed_args(in_f, out_f), torch.randn(tokens, in_f)
         assert rel_err(kernels.binary_mos_linear_lut(x, *args), reference64(x, *args)) < 1e-6
     assert kernels.CPU_COMPILE  # it compiled: no fallback
+
+
+def test_where_compiling_fails_the_plain_lookups_take_over_with_a_warning(monkeypatch):
+    from pack_helpers import reference64, rel_err
+
+    from binarymos import kernels
 
     def no_compiler():
         raise RuntimeError("InductorError: no C++ compiler\nmore lines")
 
+    monkeypatch.setattr(kernels, "CPU_COMPILE", True)
     monkeypatch.setattr(kernels, "_compiled_table_sums", no_compiler)
-    x = torch.randn(1, 72)
+    args, x = _packed_args(72, 40), torch.randn(1, 72)
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ compiler\)"):
         y = kernels.binary_mos_linear_lut(x, *args)
     assert not kernels.CPU_COMPILE and rel_err(y, reference64(x, *args)) < 1e-6
