@@ -294,7 +294,8 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     for run in ${RUNS:-e4:20}; do
         name=${run%%:*} budget=${run##*:}
         case $budget in
-        *M) budget_args="--max-tokens $(awk "BEGIN { print int(${budget%M} * 1000000) }")" label=${budget}tok ;;
+        *M) [[ ${budget%M} =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "bad budget $budget in $run" >&2; continue; }
+            budget_args="--max-tokens $(awk "BEGIN { printf \"%.0f\", ${budget%M} * 1000000 }")" label=${budget}tok ;;
         *) budget_args="--max-minutes $budget" label=${budget}min ;;
         esac
         case $name in

@@ -1,4 +1,5 @@
 """`binarymos generate`: greedy continuation equals an argmax loop over the unpacked model; sampling is seeded."""
+import os
 import shutil
 
 import pytest
@@ -29,15 +30,17 @@ def greedy(model, ids, steps, eos):
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs C++"))])  # --compile
+    not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on the CPU needs C++"))])  # --compile
 def test_greedy_matches_reference(packed, capsys, monkeypatch, compiled):
     from binarymos import kernels
 
+    real, calls = kernels._compiled_table_sums, []
     monkeypatch.setattr(kernels, "CPU_COMPILE", False)  # restored afterwards: --compile sets it for the process
+    monkeypatch.setattr(kernels, "_compiled_table_sums", lambda: lambda *a: calls.append(1) or real()(*a))
     ref, directory = packed
     options = ["--compile"] if compiled else []
     assert cli.main(["generate", str(directory), PROMPT, "--max-new-tokens", "12", "--device", "cpu", *options]) == 0
-    assert kernels.CPU_COMPILE is compiled
+    assert kernels.CPU_COMPILE is compiled and (len(calls) > 0) is compiled  # the lookups ran compiled, or never
     prompt = encode(PROMPT)
     want = decode(greedy(ref, prompt, 12, ref.config.eos_token_id)[len(prompt):])
     assert capsys.readouterr().out == want + "\n"

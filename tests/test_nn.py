@@ -1,4 +1,5 @@
 """BinaryMoSLinear, OneBit (E=1) and the static sign baseline against the formulas written out in float64."""
+import os
 import shutil
 
 import pytest
@@ -183,6 +184,7 @@ def test_the_cpu_products_in_chunks_of_rows_match_the_formula_in_float64(monkeyp
     from binarymos import kernels
 
     # 200 inputs, 25 bytes a row: 600 signs or 75 table entries are 3 rows a step, and 70 rows = 23 * 3 + 1
+    monkeypatch.setattr(kernels, "CPU_COMPILE", False)  # the plain lookups, LUT_CHUNK at a time
     monkeypatch.setattr(kernels, "UNPACK_CHUNK", chunk)
     monkeypatch.setattr(kernels, "LUT_CHUNK", chunk // 8)
     packed = PackedBinaryMoSLinear.from_binarized(make_layer(200, 70, 4, True), dtype=torch.float32)
@@ -199,17 +201,19 @@ def _packed_args(in_f, out_f):
     return packed.packed_weight, packed.router, packed.scale_in, packed.scale_out, packed.bias
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs C++")
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on the CPU needs C++")
 def test_the_compiled_byte_table_lookups_match_the_formula_in_float64(monkeypatch):
     from pack_helpers import reference64, rel_err
 
     from binarymos import kernels
 
+    compiled, calls = kernels._compiled_table_sums(), []
     monkeypatch.setattr(kernels, "CPU_COMPILE", True)
-    for in_f, out_f, tokens in [(200, 70, 1), (72, 40, 2)]:  # one graph, shapes dynamic
+    monkeypatch.setattr(kernels, "_compiled_table_sums", lambda: lambda *a: calls.append(1) or compiled(*a))
+    for in_f, out_f, tokens in [(200, 70, 1), (72, 40, 2), (61, 24, 1)]:  # layer shapes dynamic: no graph of their own
         args, x = _packed_args(in_f, out_f), torch.randn(tokens, in_f)
         assert rel_err(kernels.binary_mos_linear_lut(x, *args), reference64(x, *args)) < 1e-6
-    assert kernels.CPU_COMPILE  # it compiled: no fallback
+    assert kernels.CPU_COMPILE and len(calls) == 3  # every call compiled: no fallback
 
 
 def test_where_compiling_fails_the_plain_lookups_take_over_with_a_warning(monkeypatch):
@@ -223,9 +227,14 @@ def test_where_compiling_fails_the_plain_lookups_take_over_with_a_warning(monkey
     monkeypatch.setattr(kernels, "CPU_COMPILE", True)
     monkeypatch.setattr(kernels, "_compiled_table_sums", no_compiler)
     args, x = _packed_args(72, 40), torch.randn(1, 72)
+    monkeypatch.setattr(kernels, "_compiled_once", False)
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: InductorError: no C\+\+ compiler\)"):
         y = kernels.binary_mos_linear_lut(x, *args)
     assert not kernels.CPU_COMPILE and rel_err(y, reference64(x, *args)) < 1e-6
+    monkeypatch.setattr(kernels, "CPU_COMPILE", True)
+    monkeypatch.setattr(kernels, "_compiled_once", True)  # it had compiled before: an error now is not the compiler's
+    with pytest.raises(RuntimeError, match="no C"):
+        kernels.binary_mos_linear_lut(x, *args)
 
 
 def test_unpacked_signs_are_the_packed_bits():

@@ -110,6 +110,12 @@ def test_a_hard_kill_after_the_checkpoint_leaves_a_log_that_reads_as_one_history
     assert train_mod.read_log(tmp_path / "no-run") == []
 
 
+def test_the_log_reader_skips_what_does_not_parse_and_keeps_records_without_a_step(tmp_path):
+    (tmp_path / "log.jsonl").write_bytes(b'{"step": 1}\n{"note": "x"}\n[1, 2]\n\xff\xfe\n{"step": null}\n'
+                                         b'{"step": 2}\n{"step": 1, "again": true}\n{"st')
+    assert train_mod.read_log(tmp_path) == [{"step": 1}, {"note": "x"}, {"step": None}, {"step": 1, "again": True}]
+
+
 def test_a_run_directory_names_its_model_and_its_model_names_its_run(tmp_path):
     run, plain, unfinished = tmp_path / "run", tmp_path / "plain", tmp_path / "unfinished"
     (run / "model").mkdir(parents=True)

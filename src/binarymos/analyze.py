@@ -20,7 +20,6 @@ import torch
 from .convert import binarized_layers, decoder_blocks
 from .data import leading_bos
 from .nn import BinaryMoSLinear
-from .train import read_log, run_model, run_of
 
 DEFAULT_TEXT = "The capital of France is Paris, a city known for its art, its food and the Eiffel Tower."
 CHANNELS = 24  # channels drawn per scale panel: those whose per-token scale varies most
@@ -135,6 +134,7 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
 def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: str = DEFAULT_TEXT) -> dict:
     """Draw gates.png, scales.png and (when RUN has a log) loss.png into ``out``; returns analyze.json's content."""
     from .models import load_model
+    from .train import read_log, run_model, run_of
 
     plt = _pyplot()
     model_dir = run_model(run)

@@ -198,20 +198,32 @@ def run_of(path: str | os.PathLike) -> Path | None:
 def read_log(out: str | os.PathLike) -> list[dict]:
     """The records of the run's log.jsonl, one per logged step in step order ([] without a log). A line that does
     not parse (the last one, when a kill cut its write short) is skipped; where a run killed without a checkpoint
-    was resumed from an earlier one, the steps it trained again replace the ones the kill lost."""
+    was resumed from an earlier one, the steps it trained again replace the ones the kill lost (a record without an
+    integer step stays where it is)."""
     path = Path(out) / "log.jsonl"
     records: list[dict] = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if not isinstance(record, dict):
             continue
-        while records and record.get("step", math.inf) <= records[-1].get("step", -math.inf):
+        step = record.get("step")
+        while records and isinstance(step, int) and isinstance(records[-1].get("step"), int) \
+                and step <= records[-1]["step"]:
             records.pop()
         records.append(record)
     return records
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file's last byte is not a newline (a write a kill cut short); False for a missing or empty file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def resume_settings(out: str | os.PathLike, given: dict) -> dict:
@@ -577,7 +589,7 @@ def train(cfg: TrainConfig):
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
                unit="step" if steps else "s", dynamic_ncols=True, disable=not env.is_main)
-    if env.is_main and log_path.is_file() and log_path.read_bytes()[-1:] not in (b"", b"\n"):
+    if env.is_main and _ends_mid_line(log_path):
         with open(log_path, "a") as log:  # a line a kill cut short: the resumed records start on lines of their own
             log.write("\n")
     with bar, open(log_path if env.is_main else os.devnull, "a") as log, _StopOnSigterm() as stop:  # one log: rank 0's

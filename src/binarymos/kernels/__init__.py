@@ -9,7 +9,7 @@ stores it (signs packed 8 per byte along the input, least significant bit first,
 On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.triton_kernels`` for
 fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
 float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
-tokens through a table of each byte's signed sums (``binary_mos_linear_lut``; its lookups compiled with
+tokens through a table of each byte's signed sums (``binary_mos_linear_lut``; compiled lookups with
 BINARYMOS_CPU_COMPILE=1), else on the unpacked signs. With one expert the router may be None: the scales are then scale_in[0] and scale_out[0], as
 in OneBit.
 """
@@ -62,8 +62,9 @@ def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, ro
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
     xs, rows = x * s_in, max(1, UNPACK_CHUNK // x.shape[-1])
+    starts = range(0, len(packed_weight), rows) or [0]  # [0]: a layer without outputs still gives (..., 0)
     y = torch.cat([F.linear(xs, unpack_signs(packed_weight[start:start + rows], x.shape[-1], x.dtype))
-                   for start in range(0, len(packed_weight), rows)], -1) * s_out
+                   for start in starts], -1) * s_out
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -84,7 +85,8 @@ LUT_CHUNK = 1 << 18
 # torch.compile instead: inductor's C++ sums each row's lookups in one loop, with nothing gathered in between; on 2
 # cores 1.2-2.1x faster than dense float32 on LLaMA-sized layers (docs/RESULTS.md). It needs a C++ compiler and
 # compiles once per process (~5 s); where compiling fails the lookups go on as below, with a warning.
-CPU_COMPILE = os.environ.get("BINARYMOS_CPU_COMPILE", "") == "1"
+CPU_COMPILE = os.environ.get("BINARYMOS_CPU_COMPILE", "").lower() in ("1", "true", "yes")
+_compiled_once = False  # after a first compiled call errors are the caller's, not the compiler's: they propagate
 
 
 def _table_sums(table: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
@@ -101,12 +103,15 @@ def _compiled_table_sums():
 
 
 def _cpu_table_sums(table: torch.Tensor, packed_weight: torch.Tensor, out: torch.Tensor) -> None:
-    global CPU_COMPILE
-    if CPU_COMPILE:
+    global CPU_COMPILE, _compiled_once
+    if CPU_COMPILE and table.device.type == "cpu":
         try:
             out.copy_(_compiled_table_sums()(table, packed_weight))
+            _compiled_once = True
             return
         except Exception as err:  # no C++ compiler, or inductor cannot build here: the plain lookups give the same
+            if _compiled_once:
+                raise
             CPU_COMPILE = False
             warnings.warn(f"binarymos: BINARYMOS_CPU_COMPILE: torch.compile failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); using the plain lookups")
