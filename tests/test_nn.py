@@ -237,6 +237,19 @@ def test_where_compiling_fails_the_plain_lookups_take_over_with_a_warning(monkey
         kernels.binary_mos_linear_lut(x, *args)
 
 
+def test_the_byte_table_first_made_in_inference_mode_still_serves_autograd():
+    from binarymos.kernels import binary_mos_linear_lut
+    from binarymos.nn import byte_signs
+
+    byte_signs.cache_clear()
+    args = _packed_args(72, 40)
+    with torch.inference_mode():
+        binary_mos_linear_lut(torch.randn(1, 72), *args)
+    x = torch.randn(1, 72, requires_grad=True)
+    binary_mos_linear_lut(x, *args).sum().backward()  # "Inference tensors cannot be saved for backward" before
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_unpacked_signs_are_the_packed_bits():
     from binarymos.nn import pack_signs, unpack_signs
 

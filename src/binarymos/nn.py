@@ -231,9 +231,11 @@ def pack_signs(weight: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def byte_signs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 8): the +1/-1 of bits 0..7 of every byte value, the signs ``pack_signs`` puts in that byte."""
-    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
-    return (bits * 2 - 1).to(dtype)
+    """(256, 8): the +1/-1 of bits 0..7 of every byte value, the signs ``pack_signs`` puts in that byte. Made outside
+    inference mode even when first asked for inside it, so that the cached table also serves products under autograd."""
+    with torch.inference_mode(False):
+        bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+        return (bits * 2 - 1).to(dtype)
 
 
 def unpack_signs(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
