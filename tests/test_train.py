@@ -116,7 +116,7 @@ def test_the_log_reader_skips_what_does_not_parse_and_keeps_records_without_a_st
     assert train_mod.read_log(tmp_path) == [{"step": 1}, {"note": "x"}, {"step": None}, {"step": 1, "again": True}]
 
 
-def test_a_run_directory_names_its_model_and_its_model_names_its_run(tmp_path):
+def test_a_run_directory_names_its_model_and_its_model_names_its_run(tmp_path, monkeypatch):
     run, plain, unfinished = tmp_path / "run", tmp_path / "plain", tmp_path / "unfinished"
     (run / "model").mkdir(parents=True)
     (run / "model" / "config.json").write_text("{}")
@@ -129,6 +129,10 @@ def test_a_run_directory_names_its_model_and_its_model_names_its_run(tmp_path):
     assert train_mod.run_of(run) == run and train_mod.run_of(run / "model") == run
     assert train_mod.run_of(plain) is None and train_mod.run_of(plain / "model") is None
     assert train_mod.run_of(unfinished) is None
+    (tmp_path / "latest").symlink_to(run / "model")  # a link to the model, and the model's folder as "."
+    assert train_mod.run_of(tmp_path / "latest") == run.resolve()
+    monkeypatch.chdir(run / "model")
+    assert train_mod.run_of(".") == run.resolve()
 
 
 def test_resuming_with_other_settings_is_refused_and_changes_nothing(teacher_dir, text_file, tmp_path, monkeypatch):

@@ -189,10 +189,13 @@ def run_model(path: str | os.PathLike) -> Path:
 
 
 def run_of(path: str | os.PathLike) -> Path | None:
-    """The run directory that trained the model ``path`` names (a run directory or its model/), None for others."""
-    path = Path(path)
-    runs = [run for run in (path, path.parent) if path in (run, run / "model") and run_model(run) == run / "model"]
-    return runs[0] if runs else None
+    """The run directory that trained the model ``path`` names (a run directory or its model/, also through a link
+    or as "."), None for others."""
+    for path in dict.fromkeys((Path(path), Path(path).resolve())):
+        runs = [run for run in (path, path.parent) if path in (run, run / "model") and run_model(run) == run / "model"]
+        if runs:
+            return runs[0]
+    return None
 
 
 def read_log(out: str | os.PathLike) -> list[dict]:
