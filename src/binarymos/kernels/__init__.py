@@ -10,8 +10,8 @@ On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.t
 fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
 float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
 tokens through a table of each byte's signed sums (``binary_mos_linear_lut``; compiled lookups with
-BINARYMOS_CPU_COMPILE=1), else on the unpacked signs. With one expert the router may be None: the scales are then scale_in[0] and scale_out[0], as
-in OneBit.
+BINARYMOS_CPU_COMPILE=1), else on the unpacked signs. With one expert the router may be None: the
+scales are then scale_in[0] and scale_out[0], as in OneBit.
 """
 from __future__ import annotations
 
@@ -61,11 +61,18 @@ def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, ro
     from ..nn import unpack_signs
 
     s_in, s_out = _token_scales(x, router, scale_in, scale_out)
-    xs, rows = x * s_in, max(1, UNPACK_CHUNK // x.shape[-1])
-    starts = range(0, len(packed_weight), rows) or [0]  # [0]: a layer without outputs still gives (..., 0)
-    y = torch.cat([F.linear(xs, unpack_signs(packed_weight[start:start + rows], x.shape[-1], x.dtype))
-                   for start in starts], -1) * s_out
+    xs, steps = x * s_in, _row_steps(len(packed_weight), x.shape[-1], UNPACK_CHUNK)
+    y = xs.new_empty(*xs.shape[:-1], len(packed_weight))
+    for start in steps:
+        rows = packed_weight[start:start + steps.step]
+        y[..., start:start + steps.step] = F.linear(xs, unpack_signs(rows, x.shape[-1], x.dtype))
+    y = y * s_out
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def _row_steps(out_features: int, row_size: int, budget: int) -> range:
+    """Where the CPU products' steps start: whole output rows, about ``budget`` elements a step."""
+    return range(0, out_features, max(1, budget // row_size))
 
 
 # Signs unpacked per step of the unpacked product: 4 MB in float32. Unpacking a 4096 -> 11008 layer whole allocated
@@ -115,9 +122,9 @@ def _cpu_table_sums(table: torch.Tensor, packed_weight: torch.Tensor, out: torch
             CPU_COMPILE = False
             warnings.warn(f"binarymos: BINARYMOS_CPU_COMPILE: torch.compile failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); using the plain lookups")
-    rows = max(1, LUT_CHUNK // packed_weight.shape[1])
-    for start in range(0, len(packed_weight), rows):
-        out[:, start:start + rows] = _table_sums(table, packed_weight[start:start + rows])
+    steps = _row_steps(len(packed_weight), packed_weight.shape[1], LUT_CHUNK)
+    for start in steps:
+        out[:, start:start + steps.step] = _table_sums(table, packed_weight[start:start + steps.step])
 
 
 def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
