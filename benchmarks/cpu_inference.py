@@ -126,20 +126,20 @@ def decode_rows(name: str, new_tokens: int, repeats: int) -> list[str]:
                 "packed E=4, byte tables compiled (`generate --compile`)": (packed, (*shipped[:2], True)),
                 "packed E=4, unpack by table + matmul only": (packed, (0, nn.unpack_signs, False)),
                 "packed E=4, unpack by shifts + matmul (before session 10)": (packed, (0, unpack_by_shifts, False))}
-    rates = {name: [] for name in variants}
+    rates = {variant: [] for variant in variants}
     for _ in range(repeats):
-        for name, (model, (lut_tokens, unpack, compiled)) in variants.items():
+        for variant, (model, (lut_tokens, unpack, compiled)) in variants.items():
             kernels.LUT_MAX_TOKENS, nn.unpack_signs, kernels.CPU_COMPILE = lut_tokens, unpack, compiled
             with torch.no_grad():
                 model.generate(prompt, max_new_tokens=2, do_sample=False)
                 start = time.perf_counter()
                 model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            rates[name].append(new_tokens / (time.perf_counter() - start))
+            rates[variant].append(new_tokens / (time.perf_counter() - start))
     kernels.LUT_MAX_TOKENS, nn.unpack_signs, kernels.CPU_COMPILE = shipped
     rows = [f"| model (batch 1, greedy, {new_tokens} tokens) | tokens/s, median of {repeats} | all rounds |",
             "|---|---:|---|"]
-    for name, values in rates.items():
-        rows.append(f"| {name} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    for variant, values in rates.items():
+        rows.append(f"| {variant} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
         print(rows[-1], flush=True)
     return rows
 

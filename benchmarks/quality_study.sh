@@ -48,8 +48,9 @@ BM="python -m binarymos.cli"
 TRAIN="$BM train --model $M --data c4_wiki -E 4 --log-every 10 --save-every 1000000000"
 rate() {  # tokens/s of a run's log between its 10th logged step and its last
     python - "$1" <<'EOF'
-import json, sys
-log = [json.loads(l) for l in open(sys.argv[1] + "/log.jsonl")]
+import sys
+from binarymos.train import read_log
+log = read_log(sys.argv[1])
 a, b = log[min(10, len(log) - 2)], log[-1]
 print(int((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])))
 EOF

@@ -24,7 +24,6 @@ the seconds to step 10 (what compiling costs inside a time budget). Rows are wri
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +70,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
                               grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
                               save_every=10**6))
             wall = time.perf_counter() - started
-            log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+            log = train_mod.read_log(out)
     finally:
         BinaryMoSLinear.forward, torch.optim.AdamW = fused_forward, adamw
         for name, value in saved.items():
