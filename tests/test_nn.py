@@ -216,6 +216,18 @@ def test_the_compiled_byte_table_lookups_match_the_formula_in_float64(monkeypatc
     assert kernels.CPU_COMPILE and len(calls) == 3  # every call compiled: no fallback
 
 
+def test_binarymos_cpu_compile_in_the_environment_turns_the_compiled_lookups_on():
+    import subprocess
+    import sys
+
+    def seen(value):
+        env = {**os.environ, "BINARYMOS_CPU_COMPILE": value}
+        code = "import binarymos.kernels as k; print(k.CPU_COMPILE)"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+
+    assert [seen(v) for v in ("1", "True", "yes", "0", "")] == ["True", "True", "True", "False", "False"]
+
+
 def test_where_compiling_fails_the_plain_lookups_take_over_with_a_warning(monkeypatch):
     from pack_helpers import reference64, rel_err
 
