@@ -12,7 +12,7 @@
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
 #                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bw50, lr2,
-#                                   # lr05, hid3, norms or alltext: lanes-alone below)
+#                                   # lr05, hid3, norms, alltext or graphs: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -289,7 +289,8 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # millions of tokens with an M (10M: comparable across machines of different speed). NAME e4 is the default
     # recipe at E=4, e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
     # 16, bw50 --blockwise 0.5, lr2 and lr05 both learning rates doubled and halved, hid3 --hidden-weight 3, norms
-    # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's); batch 8,
+    # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
+    # the default recipe with each step replayed as a CUDA graph (--cuda-graphs); batch 8,
     # no checkpointing, --bf16-compute, plus $TRAIN_ARGS (EVAL_WINDOWS shortens the evaluations of screening runs)
     python -c "from binarymos.models import loadable; loadable('$M')"
     for run in ${RUNS:-e4:20}; do
@@ -310,6 +311,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
         hid3) extra="--hidden-weight 3" ;;
         norms) extra="--train-norms" ;;
         alltext) extra="--data c4_wiki,calib" ;;
+        graphs) extra="--cuda-graphs" ;;
         *) echo "unknown run $name" >&2; continue ;;
         esac
         trained 0 "alone-$name-$label" $budget_args --batch-size 8 --no-grad-checkpointing --bf16-compute \

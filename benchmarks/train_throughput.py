@@ -16,7 +16,11 @@ student's blocks on their own:
   (``BinaryMoSLinear.formula_forward``) instead of the fused training layer (session 8);
 - ``fused-adamw``: nothing compiled, and AdamW's fused update (one kernel for all parameters) instead of train's
   multi-tensor one, a candidate against the step's host overhead (binarymos.plan counts the multi-tensor update's
-  temporary, so a switch needs its peak memory measured too).
+  temporary, so a switch needs its peak memory measured too);
+- ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``).
+
+Where ``eager`` ran first at the same E, each later variant's row also gives the largest relative difference of its
+logged loss from eager's over the same steps (the same data, so a correct variant differs by rounding only).
 
 Each runs --steps steps (bf16 compute unless --float32-residual, batch --batch-size x 2048, c4_wiki) and reports tokens/s after step --skip and
 the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish.
@@ -34,7 +38,7 @@ from binarymos import train as train_mod
 from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw")
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs")
 
 
 def _patch(variant: str) -> dict:
@@ -68,7 +72,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             started = time.perf_counter()
             train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=batch,
                               grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
-                              save_every=10**6))
+                              save_every=10**6, cuda_graphs=variant == "cuda-graphs"))
             wall = time.perf_counter() - started
             log = train_mod.read_log(out)
     finally:
@@ -78,6 +82,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
     a, b = log[skip - 1], log[-1]
     return {"variant": variant, "experts": experts, "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
             "seconds_to_step_10": log[9]["train_seconds"], "final_kl": b["kl"], "wall_s": wall,
+            "losses": [r["loss"] for r in log],
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0}
 
 
@@ -96,17 +101,21 @@ def main() -> None:
     compute = "float32 residual stream" if args.float32_residual else "--bf16-compute"
     lines = [f"{device}, batch {args.batch_size} x 2048, {compute}, {args.steps} steps, "
              f"tokens/s after step {args.skip}", "",
-             "| variant | E | tokens/s | seconds to step 10 | run wall s | peak GB | final KL |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | E | tokens/s | seconds to step 10 | run wall s | peak GB | final KL | loss vs eager |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for experts in (int(e) for e in args.experts.split(",")):
+        eager = None
         for variant in args.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             r = run(args.model, args.steps, args.skip, variant, experts, args.batch_size, not args.float32_residual)
+            eager = r["losses"] if variant == "eager" else eager
+            differs = max(abs(a / b - 1) for a, b in zip(r["losses"], eager)) if eager and variant != "eager" else None
             lines.append(f"| {variant} | {experts} | {r['tokens_per_s']:,.0f} | {r['seconds_to_step_10']:.1f} | "
-                         f"{r['wall_s']:.0f} | {r['peak_gb']:.1f} | {r['final_kl']:.3f} |")
+                         f"{r['wall_s']:.0f} | {r['peak_gb']:.1f} | {r['final_kl']:.3f} | "
+                         f"{'' if differs is None else f'{differs:.1e}'} |")
             print(lines[-1], flush=True)
             if args.out:
                 Path(args.out).write_text("\n".join(lines) + "\n")

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-os.environ.setdefault("BINARYMOS_DATA_DIR", str(SHARED_DATA))
+# ../shared/data beside the checkout, or BINARYMOS_DATA_DIR where the text is elsewhere (the GPU machine)
+SHARED_DATA = Path(os.environ.setdefault("BINARYMOS_DATA_DIR",
+                                         str(Path(__file__).resolve().parents[1].parent / "shared" / "data")))
 
 # model_type -> tiny config kwargs (random weights; enough to exercise every code path)
 TINY = {

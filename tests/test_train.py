@@ -3,6 +3,7 @@ a time budget, SIGTERM."""
 import json
 import math
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,6 +260,8 @@ def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, 
     assert needs_grad_checkpointing(TrainConfig(model=str(teacher_dir), seq_len=32, batch_size=2, bf16_compute=True),
                                     config, gpu) is False
     assert needs_grad_checkpointing(cfg, config, gpu) is True
+    with pytest.raises(ValueError, match="cuda_graphs: this run needs gradient checkpointing"):
+        needs_grad_checkpointing(replace(cfg, cuda_graphs=True), config, gpu)
     assert needs_grad_checkpointing(cfg, config, distributed.Env(device=torch.device("cpu"))) is False
     assert needs_grad_checkpointing(TrainConfig(grad_checkpointing=True), config, distributed.Env()) is True
 
@@ -386,3 +389,28 @@ def test_blockwise_trains_block_by_block_then_end_to_end(teacher_dir, text_file,
     for bad in (dict(blockwise=1.5), dict(blockwise=0.5, hidden_weight=0.0), dict(blockwise=0.5, compile="teacher")):
         with pytest.raises(ValueError, match="blockwise"):
             TrainConfig(**bad)
+
+
+def test_cuda_graphs_are_refused_where_a_graph_cannot_capture_the_step(teacher_dir, text_file, tmp_path):
+    for bad in (dict(grad_accum=2), dict(compile="teacher", blockwise=0), dict(grad_checkpointing=True)):
+        with pytest.raises(ValueError, match="cuda_graphs captures one micro-batch"):
+            TrainConfig(cuda_graphs=True, **bad)
+    with pytest.raises(ValueError, match="cuda_graphs needs one process on a GPU .*1 on cpu"):
+        train(cfg(teacher_dir, text_file, tmp_path / "run", cuda_graphs=True))
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("experts", [1, 2])
+def test_cuda_graphs_train_what_eager_steps_train(teacher_dir, text_file, tmp_path, experts):
+    """Through the block-wise phase and the end-to-end phase (a graph each), the replayed steps give the losses
+    and weights of eager steps (a replay whose update went missing would change the later steps' losses)."""
+    runs = {graphs: train(cfg(teacher_dir, text_file, tmp_path / f"graphs-{graphs}", device="cuda", max_steps=6,
+                              blockwise=0.5, num_experts=experts, cuda_graphs=graphs)) for graphs in (False, True)}
+    eager, graphed = (train_mod.read_log(tmp_path / f"graphs-{graphs}") for graphs in (False, True))
+    assert [r.get("blockwise", False) for r in graphed] == [True] * 3 + [False] * 3
+    for key in ("loss", "kl", "hidden"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in graphed]), torch.tensor([r[key] for r in eager]),
+                                   rtol=1e-4, atol=1e-6)
+    weights = [trainable(run) for run in (runs[False], runs[True])]
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-5) for n in weights[0])

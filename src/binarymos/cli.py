@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16-compute", action="store_true",
                    help="one process: frozen student parameters in bf16, so activations are bf16 as under FSDP2 "
                         "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one measured pair)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="one process on a GPU: replay each step's forward and backward as a CUDA graph, so the host "
+                        "does not launch its kernels one by one (needs --grad-accum 1, no --compile, no checkpointing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")

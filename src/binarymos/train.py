@@ -123,6 +123,9 @@ class TrainConfig:
     # -32 % memory and perplexity within run-to-run noise (SmolLM2, batch 8, one 5-minute pair on an H100), opt-in
     # until a second pair confirms it
     bf16_compute: bool = False
+    # one process on a GPU: each step's forward, backward and clipping replayed as a CUDA graph (GraphedStep), so
+    # the host no longer launches its kernels one by one; needs grad_accum 1, compile none, no checkpointing
+    cuda_graphs: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)
     strategy: str = "auto"
@@ -160,13 +163,16 @@ class TrainConfig:
         if self.blockwise and (not self.hidden_weight or self.compile != "none"):
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
                              "compile none (its hooks change each step's graph): set blockwise 0 for either")
+        if self.cuda_graphs and (self.grad_accum != 1 or self.compile != "none" or self.grad_checkpointing):
+            raise ValueError("cuda_graphs captures one micro-batch's eager step: it needs grad_accum 1, compile none "
+                             "and no gradient checkpointing")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
 # what a resumed run may set anew: where and how fast it runs, not what it trains (a changed batch_size or grad_accum
 # keeps the global batch: distributed._keep_global_batch)
 ANEW_ON_RESUME = frozenset({"out", "resume", "data_dir", "device", "log_every", "save_every", "grad_checkpointing",
-                            "strategy", "compile", "batch_size", "grad_accum", "teacher_batch_size"})
+                            "strategy", "compile", "batch_size", "grad_accum", "teacher_batch_size", "cuda_graphs"})
 
 
 def run_settings(out: str | os.PathLike) -> dict:
@@ -265,10 +271,11 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: in
     """Sum over tokens of KL(teacher || student), in float32, a chunk of tokens at a time.
 
     Each chunk is recomputed in the backward pass, so the float32 vocabulary-sized tensors exist
-    for one chunk only (a batch of 4 x 2048 tokens over a 49k vocabulary is 1.6 GB per copy).
+    for one chunk only (a batch of 4 x 2048 tokens over a 49k vocabulary is 1.6 GB per copy). It draws no
+    random numbers, so the generators' states are not saved (reading them is not allowed in a CUDA graph).
     """
     s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
-    return sum(checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+    return sum(checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], use_reentrant=False, preserve_rng_state=False)
                for i in range(0, len(s), chunk))
 
 
@@ -351,6 +358,73 @@ class TeacherForcedBlocks:
         blocks = range(len(self.teacher_out))
         return tuple(SimpleNamespace(logits=out.logits, hidden_states=[None] + [store[i] for i in blocks])
                      for out, store in ((student_out, self.student_out), (teacher_out, self.teacher_out)))
+
+
+def step_gradients(teacher, student, batches: list[torch.Tensor], cfg: TrainConfig, blockwise: bool, autocast,
+                   ddp: bool = False) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches (``batches``: their token ids, on the device),
+    then the gradients clipped to cfg.grad_clip: [loss, kl, hidden, gradient norm] as one float32 tensor on the
+    device, not yet read. With ``blockwise`` every student block computes from the teacher's input to it."""
+    hidden_states = bool(cfg.hidden_weight) and not blockwise  # block-wise: the hooks keep the blocks' outputs
+    parts_sum = torch.zeros(3, device=batches[0].device)  # loss, kl, hidden, summed over micro-batches
+    for micro, ids in enumerate(batches):
+        # DDP averages the gradients once per step, in the last micro-batch's backward
+        with (TeacherForcedBlocks(teacher, student) if blockwise else nullcontext()) as forced, \
+                student.no_sync() if ddp and micro < len(batches) - 1 else nullcontext():
+            with torch.no_grad(), autocast:
+                t_out = teacher(input_ids=ids, output_hidden_states=hidden_states)
+            with autocast:
+                s_out = student(input_ids=ids, output_hidden_states=hidden_states)
+            loss, parts = distillation_loss(*(forced.outputs(s_out, t_out) if blockwise else (s_out, t_out)), cfg)
+            (loss / len(batches)).backward()
+        parts_sum += torch.stack([loss.detach(), parts["kl"], parts["hidden"]]) / len(batches)
+        del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    return torch.cat([parts_sum, grad_norm.reshape(1).float()])
+
+
+class GraphedStep:
+    """step_gradients of one micro-batch as a CUDA graph per phase (block-wise, end to end), replayed with each
+    step's token ids.
+
+    Eager, the host launches a step's thousands of kernels one by one (Python, autograd, the launches), and the
+    GPU waits for it: SmolLM2-135M trained at ~40k tokens/s alone on an H200 but ~62k with two runs sharing it
+    (docs/RESULTS.md). A replay launches the captured step at once. The capture allocates the gradients, and
+    every replay writes them anew, so while a graph lives nothing may set them to None (train leaves out its
+    zero_grad). A phase change drops the graph before capturing the next one, so one phase's memory is held at a
+    time. Warm-up passes (on a side stream, their gradients discarded) run the lazy set-up first: cuBLAS
+    workspaces, Triton's compiled kernels.
+    """
+
+    def __init__(self, compute, optimizer, warmup: int = 3):
+        self.compute, self.optimizer, self.warmup = compute, optimizer, warmup
+        self.phase = self.graph = self.ids = self.stats = None
+
+    def __call__(self, ids: torch.Tensor, blockwise: bool) -> torch.Tensor:
+        if blockwise != self.phase:
+            self._capture(ids, blockwise)
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.stats
+
+    def _capture(self, ids: torch.Tensor, blockwise: bool) -> None:
+        self.graph = self.stats = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ids = ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.compute(self.ids, blockwise)
+                self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.stats = self.compute(self.ids, blockwise)
+        self.phase = blockwise
+        torch.cuda.empty_cache()  # what the warm-up and the previous phase's graph held
 
 
 def enable_checkpointing(model) -> None:
@@ -554,7 +628,11 @@ def needs_grad_checkpointing(cfg: TrainConfig, config, env: distributed.Env) -> 
         return cfg.grad_checkpointing
     if env.device.type != "cuda":
         return False
-    return not _fits_gpu(planned_memory(cfg, config, env.world_size, env.strategy)["total"], env)
+    needed = not _fits_gpu(planned_memory(cfg, config, env.world_size, env.strategy)["total"], env)
+    if needed and cfg.cuda_graphs:
+        raise ValueError("cuda_graphs: this run needs gradient checkpointing to fit the GPU (binarymos plan), which "
+                         "a graph cannot capture; train without cuda_graphs or with a smaller batch")
+    return needed
 
 
 def train(cfg: TrainConfig):
@@ -572,6 +650,8 @@ def train(cfg: TrainConfig):
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or choose another --out")
     if cfg.resume:
         check_resumable(cfg)
+    if cfg.cuda_graphs and (env.device.type != "cuda" or env.distributed):
+        raise ValueError(f"cuda_graphs needs one process on a GPU (this run: {env.world_size} on {env.device.type})")
     teacher, student, tokenizer, blocks = prepare(cfg, env)
     device = env.device
     groups = param_groups(student, cfg)
@@ -586,9 +666,13 @@ def train(cfg: TrainConfig):
     if env.is_main:
         chosen = {"strategy": env.strategy} if env.distributed else {}  # what "auto" became
         (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16_compute)
+    # autocast's cache of cast weights lives for one region, which a graph's replays do not re-enter
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16_compute,
+                              cache_enabled=not cfg.cuda_graphs)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     ddp = env.distributed and not env.sharded
+    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], cfg, blockwise, autocast),
+                          optimizer) if cfg.cuda_graphs else None
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
                unit="step" if steps else "s", dynamic_ncols=True, disable=not env.is_main)
@@ -614,36 +698,21 @@ def train(cfg: TrainConfig):
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
             # the first `blockwise` of the budget block by block, the rest end to end
             blockwise = (step / steps if steps else clock["seconds"] / budget) < cfg.blockwise
-            hidden_states = bool(cfg.hidden_weight) and not blockwise  # block-wise: the hooks keep the blocks' outputs
-            parts_sum = torch.zeros(3, device=device)  # loss, kl, hidden: summed on the GPU, read once a step
-            for micro in range(cfg.grad_accum):
-                ids = blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
-                # DDP averages the gradients once per step, in the last micro-batch's backward
-                with (TeacherForcedBlocks(teacher, student) if blockwise else nullcontext()) as forced, \
-                        student.no_sync() if ddp and micro < cfg.grad_accum - 1 else nullcontext():
-                    with torch.no_grad(), autocast:
-                        t_out = teacher(input_ids=ids, output_hidden_states=hidden_states)
-                    with autocast:
-                        s_out = student(input_ids=ids, output_hidden_states=hidden_states)
-                    loss, parts = distillation_loss(*(forced.outputs(s_out, t_out) if blockwise else (s_out, t_out)),
-                                                    cfg)
-                    (loss / cfg.grad_accum).backward()
-                parts_sum += torch.stack([loss.detach(), parts["kl"], parts["hidden"]]) / cfg.grad_accum
-                del t_out, s_out, loss  # the next micro-batch's forward must not find these still alive
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            batches = [blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
+                       for micro in range(cfg.grad_accum)]
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            *parts_read, norm = torch.cat([parts_sum, grad_norm.reshape(1).float()]).tolist()
+            *parts_read, norm = (graphed(batches[0], blockwise) if graphed else
+                                 step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp)).tolist()
             terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
             if not math.isfinite(terms["loss"]):
                 raise _diverged(f"loss is {terms['loss']}", step, out)
             if not math.isfinite(norm):
                 raise _diverged(f"gradient norm is {norm}", step, out)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not graphed:  # a graph's replays write the gradients into the tensors its capture made
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = trained_seconds + time.perf_counter() - t0  # this rank's; logged and saved by rank 0
             last = step == steps
