@@ -402,15 +402,48 @@ def test_cuda_graphs_are_refused_where_a_graph_cannot_capture_the_step(teacher_d
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("experts", [1, 2])
-def test_cuda_graphs_train_what_eager_steps_train(teacher_dir, text_file, tmp_path, experts):
-    """Through the block-wise phase and the end-to-end phase (a graph each), the replayed steps give the losses
-    and weights of eager steps (a replay whose update went missing would change the later steps' losses)."""
-    runs = {graphs: train(cfg(teacher_dir, text_file, tmp_path / f"graphs-{graphs}", device="cuda", max_steps=6,
-                              blockwise=0.5, num_experts=experts, cuda_graphs=graphs)) for graphs in (False, True)}
+def test_graphed_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts):
+    """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
+    loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
+    both phases and after a phase comes back."""
+    import copy
+
+    from binarymos.train import GraphedStep, prepare, step_gradients
+
+    config = cfg(teacher_dir, text_file, tmp_path / "run", device="cuda", num_experts=experts)
+    teacher, student, _, blocks = prepare(config)
+    teacher.float()  # a GPU teacher comes in bf16
+    reference = copy.deepcopy(student)
+    off = torch.autocast("cuda", enabled=False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], config, blockwise, off),
+                          torch.optim.SGD(params, lr=0.0))
+    for i, blockwise in enumerate((True, True, False, False, True)):
+        with torch.no_grad():  # the replay must read the weights as they are now
+            for p in params:
+                p.add_(0.01 * torch.randn_like(p))
+            reference.load_state_dict(student.state_dict())
+        ids = blocks[[2 * i, 2 * i + 1]].cuda()
+        replayed = graphed(ids, blockwise).clone()
+        reference.zero_grad(set_to_none=True)
+        eager = step_gradients(teacher, reference, [ids], config, blockwise, off)
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-7)
+        grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_train_through_both_phases(teacher_dir, text_file, tmp_path):
+    """A run with --cuda-graphs trains its block-wise steps as eager steps do (bf16 products: the two differ by
+    rounding, which the end-to-end phase then amplifies; a missing update would change the second step on),
+    then goes end to end and saves its model."""
+    for graphs in (False, True):
+        train(cfg(teacher_dir, text_file, tmp_path / f"graphs-{graphs}", device="cuda", max_steps=6, blockwise=0.5,
+                  cuda_graphs=graphs))
     eager, graphed = (train_mod.read_log(tmp_path / f"graphs-{graphs}") for graphs in (False, True))
     assert [r.get("blockwise", False) for r in graphed] == [True] * 3 + [False] * 3
-    for key in ("loss", "kl", "hidden"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in graphed]), torch.tensor([r[key] for r in eager]),
-                                   rtol=1e-4, atol=1e-6)
-    weights = [trainable(run) for run in (runs[False], runs[True])]
-    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-5) for n in weights[0])
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in graphed[:3]]),
+                               torch.tensor([r["loss"] for r in eager[:3]]), rtol=1e-3, atol=0)
+    assert all(math.isfinite(r["loss"]) for r in graphed) and (tmp_path / "graphs-True" / "model").is_dir()
