@@ -290,7 +290,8 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # recipe at E=4, e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
     # 16, bw50 --blockwise 0.5, lr2 and lr05 both learning rates doubled and halved, hid3 --hidden-weight 3, norms
     # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
-    # the default recipe with each step replayed as a CUDA graph (--cuda-graphs); batch 8,
+    # the default recipe with each step replayed as a CUDA graph (--cuda-graphs); NAME may join several with +
+    # (graphs+e1: E=1 with CUDA graphs); batch 8,
     # no checkpointing, --bf16-compute, plus $TRAIN_ARGS (EVAL_WINDOWS shortens the evaluations of screening runs)
     python -c "from binarymos.models import loadable; loadable('$M')"
     for run in ${RUNS:-e4:20}; do
@@ -300,20 +301,24 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             budget_args="--max-tokens $(awk "BEGIN { printf \"%.0f\", ${budget%M} * 1000000 }")" label=${budget}tok ;;
         *) budget_args="--max-minutes $budget" label=${budget}min ;;
         esac
-        case $name in
-        e4) extra= ;;
-        e1 | e2 | e8) extra="-E ${name#e}" ;;
-        paper) extra="--recipe paper" ;;
-        b16) extra="--batch-size 16" ;;
-        bw50) extra="--blockwise 0.5" ;;
-        lr2) extra="--lr-weight 4e-4 --lr-scale 2e-2" ;;
-        lr05) extra="--lr-weight 1e-4 --lr-scale 5e-3" ;;
-        hid3) extra="--hidden-weight 3" ;;
-        norms) extra="--train-norms" ;;
-        alltext) extra="--data c4_wiki,calib" ;;
-        graphs) extra="--cuda-graphs" ;;
-        *) echo "unknown run $name" >&2; continue ;;
-        esac
+        extra= unknown=
+        for part in ${name//+/ }; do  # levers joined by +, e.g. graphs+e1
+            case $part in
+            e4) ;;
+            e1 | e2 | e8) extra+=" -E ${part#e}" ;;
+            paper) extra+=" --recipe paper" ;;
+            b16) extra+=" --batch-size 16" ;;
+            bw50) extra+=" --blockwise 0.5" ;;
+            lr2) extra+=" --lr-weight 4e-4 --lr-scale 2e-2" ;;
+            lr05) extra+=" --lr-weight 1e-4 --lr-scale 5e-3" ;;
+            hid3) extra+=" --hidden-weight 3" ;;
+            norms) extra+=" --train-norms" ;;
+            alltext) extra+=" --data c4_wiki,calib" ;;
+            graphs) extra+=" --cuda-graphs" ;;
+            *) unknown=$part ;;
+            esac
+        done
+        [ -n "$unknown" ] && { echo "unknown run $unknown in $run" >&2; continue; }
         trained 0 "alone-$name-$label" $budget_args --batch-size 8 --no-grad-checkpointing --bf16-compute \
             $extra ${TRAIN_ARGS:-}
     done

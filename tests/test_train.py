@@ -3,6 +3,7 @@ a time budget, SIGTERM."""
 import json
 import math
 import signal
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
@@ -398,6 +399,38 @@ def test_cuda_graphs_are_refused_where_a_graph_cannot_capture_the_step(teacher_d
     with pytest.raises(ValueError, match="cuda_graphs needs one process on a GPU .*1 on cpu"):
         train(cfg(teacher_dir, text_file, tmp_path / "run", cuda_graphs=True))
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+def test_a_step_that_cannot_be_captured_ends_with_one_line_that_says_so(monkeypatch):
+    """What a CUDA graph refuses (a host sync inside the step, say) surfaces as the option's own error."""
+    from contextlib import contextmanager
+
+    from binarymos.train import GraphedStep
+
+    @contextmanager
+    def refusing_capture(graph):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        yield
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", refusing_capture)
+    weight = torch.nn.Parameter(torch.ones(3))
+    warmed = []
+
+    def compute(ids, blockwise):
+        warmed.append(blockwise)
+        (weight * ids).sum().backward()
+        return torch.zeros(4)
+
+    step = GraphedStep(compute, torch.optim.SGD([weight], lr=0.1))
+    with pytest.raises(RuntimeError, match=r"^cuda_graphs: .*cannot be captured as a CUDA graph \(CUDA error: "
+                                           r"operation not permitted when stream is capturing\); train without it"):
+        step(torch.ones(3), False)
+    assert warmed == [False] * 3 and weight.grad is None  # warmed up on the phase's step, its gradients dropped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -421,8 +421,13 @@ class GraphedStep:
                 self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.stats = self.compute(self.ids, blockwise)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.stats = self.compute(self.ids, blockwise)
+        except RuntimeError as err:  # an operation of this model that a graph cannot hold (a sync, a host copy)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"cuda_graphs: this model's training step cannot be captured as a CUDA graph "
+                               f"({reason}); train without it (--resume continues from the last checkpoint)") from err
         self.phase = blockwise
         torch.cuda.empty_cache()  # what the warm-up and the previous phase's graph held
 
