@@ -4,9 +4,10 @@
 
 1. Peak memory (torch.cuda.max_memory_allocated) of a few steps at --batch with grad_accum 1 and 2,
    against binarymos.plan's estimate.
-2. torch.profiler over 3 steps (after 2 warm-up steps) of grad_accum 1: the top operators by CPU and
-   by CUDA time, and the step's wall time against its summed GPU kernel time (host-bound or not).
-3. The same for 16 decoding steps of teacher sampling (binarymos.synth.sample's loop).
+2. torch.profiler over 3 end-to-end steps (after 4 warm-up steps) of grad_accum 1: the top operators by CPU and
+   by CUDA time, and the step's wall time against its summed GPU kernel time (host-bound or not);
+   --bf16-compute and --cuda-graphs as in train (with graphs the kernels' time is what is left to win).
+3. The same for 16 decoding steps of teacher sampling (binarymos.synth.sample's loop; --no-sampling skips it).
 Writes OUT/profile.md.
 """
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 
 
-def train_run(model: str, out: Path, batch: int, accum: int, steps: int) -> float:
+def train_run(model: str, out: Path, batch: int, accum: int, steps: int, **options) -> float:
     from binarymos.train import TrainConfig, train
 
     torch.cuda.reset_peak_memory_stats()
     train(TrainConfig(model=model, data="c4_wiki", out=str(out), batch_size=batch, grad_accum=accum, max_steps=steps,
-                      save_every=10**6, grad_checkpointing=False, num_experts=4))
+                      save_every=10**6, grad_checkpointing=False, num_experts=4, **options))
     return torch.cuda.max_memory_allocated() / 1e9
 
 
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="bench/profile")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="part 1")
+    ap.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=True, help="part 3")
+    ap.add_argument("--bf16-compute", action="store_true", help="part 2: train's --bf16-compute")
+    ap.add_argument("--cuda-graphs", action="store_true", help="part 2: train's --cuda-graphs")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -50,7 +54,7 @@ def main() -> None:
                      f"({(planned - peak) / peak:+.1%})")
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True,
-                   schedule=schedule(wait=0, warmup=2, active=3, repeat=1))
+                   schedule=schedule(wait=0, warmup=4, active=3, repeat=1))
     real_step = torch.optim.AdamW.step
     stamps = []
 
@@ -63,19 +67,31 @@ def main() -> None:
 
     torch.optim.AdamW.step = step_and_profile
     with prof:
-        train_run(args.model, out / "profiled", args.batch, 1, 5)
+        # 7 steps: the block-wise ones (0-1) and the end-to-end graph's capture (step 2) in the warm-up
+        train_run(args.model, out / "profiled", args.batch, 1, 7, bf16_compute=args.bf16_compute,
+                  cuda_graphs=args.cuda_graphs)
     torch.optim.AdamW.step = real_step
     gpu_us = sum(e.self_device_time_total for e in prof.key_averages() if not e.key.startswith("ProfilerStep")) / 3
     wall = (stamps[-1] - stamps[-4]) / 3
-    lines += ["", f"## Training step, batch {args.batch}: wall {wall * 1e3:.0f} ms per step, GPU kernels "
+    setting = "".join(f", {name}" for name, on in (("--bf16-compute", args.bf16_compute),
+                                                   ("--cuda-graphs", args.cuda_graphs)) if on)
+    lines += ["", f"## Training step, batch {args.batch}{setting}: wall {wall * 1e3:.0f} ms per step, GPU kernels "
               f"{gpu_us / 1e3:.0f} ms per step", "", "```",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), "```", "", "```",
               prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), "```"]
+    if args.sampling:
+        lines += sampling_profile(args.model)
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]))
+
+
+def sampling_profile(model: str) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
 
     from binarymos.models import load_model
     from binarymos.synth import sample
 
-    teacher, tokenizer = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+    teacher, tokenizer = load_model(model, dtype=torch.bfloat16, device="cuda")
     sample(teacher, tokenizer, 64, 8, 1.0, 0, 64)  # warm-up
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as sprof:
         torch.cuda.synchronize()
@@ -83,10 +99,8 @@ def main() -> None:
         sample(teacher, tokenizer, 64, 17, 1.0, 0, 64)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / 16
-    lines += ["", f"## Teacher sampling, batch 64: {wall * 1e3:.1f} ms per decoding step", "", "```",
-              sprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```"]
-    (out / "profile.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:8]))
+    return ["", f"## Teacher sampling, batch 64: {wall * 1e3:.1f} ms per decoding step", "", "```",
+            sprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```"]
 
 
 if __name__ == "__main__":

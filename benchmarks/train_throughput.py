@@ -23,11 +23,13 @@ Where ``eager`` ran first at the same E, each later variant's row also gives the
 logged loss from eager's over the same steps (the same data, so a correct variant differs by rounding only).
 
 Each runs --steps steps (bf16 compute unless --float32-residual, batch --batch-size x 2048, c4_wiki) and reports tokens/s after step --skip and
-the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish.
+the seconds to step 10 (what compiling costs inside a time budget). Rows are written as they finish, to --out,
+and every run's logged loss and KL per step beside it (the same name, .json).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -82,7 +84,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
     a, b = log[skip - 1], log[-1]
     return {"variant": variant, "experts": experts, "tokens_per_s": (b["tokens"] - a["tokens"]) / (b["time"] - a["time"]),
             "seconds_to_step_10": log[9]["train_seconds"], "final_kl": b["kl"], "wall_s": wall,
-            "losses": [r["loss"] for r in log],
+            "losses": [r["loss"] for r in log], "kls": [r["kl"] for r in log],
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0}
 
 
@@ -103,6 +105,7 @@ def main() -> None:
              f"tokens/s after step {args.skip}", "",
              "| variant | E | tokens/s | seconds to step 10 | run wall s | peak GB | final KL | loss vs eager |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    results = []
     for experts in (int(e) for e in args.experts.split(",")):
         eager = None
         for variant in args.variants.split(","):
@@ -117,8 +120,10 @@ def main() -> None:
                          f"{r['wall_s']:.0f} | {r['peak_gb']:.1f} | {r['final_kl']:.3f} | "
                          f"{'' if differs is None else f'{differs:.1e}'} |")
             print(lines[-1], flush=True)
+            results.append(r)
             if args.out:
                 Path(args.out).write_text("\n".join(lines) + "\n")
+                Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

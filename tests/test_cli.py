@@ -83,6 +83,22 @@ def test_train_resume_needs_only_the_run_directory(teacher_dir, text_file, tmp_p
     assert code == 2 and "started with num_experts 2 (given 4)" in err
 
 
+
+def test_a_run_started_with_cuda_graphs_resumes_without_them(teacher_dir, text_file, tmp_path, capsys, monkeypatch):
+    """--cuda-graphs changes how fast a run trains, not what: a run started with it (on a GPU whose model's step a
+    graph could not hold, say) resumes with --no-cuda-graphs, here on the CPU."""
+    options = ["--model", str(teacher_dir), "--data", str(text_file), "-E", "2", "--seq-len", "32", "--batch-size", "2",
+               "--max-steps", "4", "--save-every", "2", "--device", "cpu", "--out", str(tmp_path / "run")]
+    killed_after_first_checkpoint(monkeypatch)
+    assert run(capsys, "train", *options)[0] == 130
+    monkeypatch.undo()
+    settings = tmp_path / "run" / "train_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "cuda_graphs": True}))
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), "--resume")
+    assert code == 2 and "cuda_graphs needs one process on a GPU" in err
+    assert run(capsys, "train", "--out", str(tmp_path / "run"), "--resume", "--no-cuda-graphs")[0] == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+
 def test_train_options_given_tells_a_default_given_on_purpose_from_one_left_out():
     from binarymos.cli import _train_options_given
 

@@ -382,6 +382,47 @@ def test_teacher_forced_blocks_keep_each_blocks_gradient_to_its_own_output(check
     assert any(g is not None and g.abs().sum() > 0 for g in grads[1])
 
 
+
+def test_teacher_forced_blocks_with_a_teacher_share_mix_the_two_inputs_and_pass_gradient_back():
+    """Block 1's input is share x the teacher's input to it + (1 - share) x the student's block-0 output, and a
+    loss on block 1 alone then trains block 0 too, by (1 - share) of its gradient: none at share 1."""
+    from binarymos.train import TeacherForcedBlocks
+
+    teacher, student = three_block_pair()
+    ids = torch.randint(3, 100, (2, 12))
+    grads = {}
+    for share in (0.25, 1.0):
+        student.zero_grad(set_to_none=True)
+        seen = {}
+        with TeacherForcedBlocks(teacher, student, torch.tensor(share)) as forced:
+            seeing = student.model.layers[1].register_forward_pre_hook(  # after the replacing hook: block 1's input
+                lambda m, args, kwargs: seen.update(input=args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True)
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids)
+            s_pairs, _ = forced.outputs(student(input_ids=ids), t_out)
+            expected = share * forced.teacher_in[1].double() + (1 - share) * forced.student_out[0].double()
+            torch.testing.assert_close(seen["input"].double(), expected, rtol=1e-6, atol=1e-6)
+            s_pairs.hidden_states[2].pow(2).sum().backward()  # block 1's output alone
+        seeing.remove()
+        grads[share] = [p.grad for p in student.model.layers[0].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[0.25])
+    assert all(g is None or not g.any() for g in grads[1.0])
+
+
+def test_blockwise_anneal_hands_each_block_its_own_input_linearly_after_the_blockwise_phase(teacher_dir, text_file,
+                                                                                            tmp_path):
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=8, blockwise=0.25, blockwise_anneal=0.5))
+    log = train_mod.read_log(tmp_path / "run")
+    assert [r.get("blockwise", False) for r in log] == [True] * 6 + [False] * 2
+    # steps 0-5 at progress 0, 1/8, ..., 5/8: the teacher's share 1 until 0.25, then 1 - (progress - 0.25) / 0.5
+    assert [r.get("teacher_share") for r in log] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, None, None]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    for bad in (dict(blockwise=0.25, blockwise_anneal=-0.1), dict(blockwise=0.5, blockwise_anneal=0.6),
+                dict(blockwise=0, blockwise_anneal=0.2)):
+        with pytest.raises(ValueError, match="blockwise_anneal"):
+            TrainConfig(**bad)
+
 def test_blockwise_trains_block_by_block_then_end_to_end(teacher_dir, text_file, tmp_path):
     train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=4, blockwise=0.5))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -401,41 +442,50 @@ def test_cuda_graphs_are_refused_where_a_graph_cannot_capture_the_step(teacher_d
     assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
 
 
-def test_a_step_that_cannot_be_captured_ends_with_one_line_that_says_so(monkeypatch):
-    """What a CUDA graph refuses (a host sync inside the step, say) surfaces as the option's own error."""
+def test_cuda_graphs_capture_of_a_step_it_cannot_hold_ends_with_one_line_that_says_why(monkeypatch):
+    """What a CUDA graph refuses (a host sync inside the step, say) breaks the capture, whose end then raises again:
+    the option's own error names the operation that broke it."""
     from contextlib import contextmanager
 
     from binarymos.train import GraphedStep
 
+    capturing = []
+
     @contextmanager
-    def refusing_capture(graph):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
-        yield
+    def breaking_capture(graph):
+        capturing.append(True)
+        try:
+            yield
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
     stream = SimpleNamespace(wait_stream=lambda other: None)
     monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", refusing_capture)
+    monkeypatch.setattr(torch.cuda, "graph", breaking_capture)
     weight = torch.nn.Parameter(torch.ones(3))
     warmed = []
 
     def compute(ids, blockwise):
+        if capturing:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
         warmed.append(blockwise)
         (weight * ids).sum().backward()
         return torch.zeros(4)
 
     step = GraphedStep(compute, torch.optim.SGD([weight], lr=0.1))
     with pytest.raises(RuntimeError, match=r"^cuda_graphs: .*cannot be captured as a CUDA graph \(CUDA error: "
-                                           r"operation not permitted when stream is capturing\); train without it"):
+                                           r"operation not permitted when stream is capturing\); train without it "
+                                           r"\(--resume --no-cuda-graphs"):
         step(torch.ones(3), False)
     assert warmed == [False] * 3 and weight.grad is None  # warmed up on the phase's step, its gradients dropped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("experts", [1, 2])
-def test_graphed_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts):
+def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts):
     """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
     loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
     both phases and after a phase comes back."""

@@ -318,13 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blockwise", type=float, default=None,
                    help="fraction of the budget trained block by block first (each student block computes from the "
                         "teacher's input to it), then end to end (default: the recipe's, 0.25; --compile needs 0)")
+    p.add_argument("--blockwise-anneal", type=float, default=0.0,
+                   help="fraction of the budget after the block-wise one over which each block's input moves "
+                        "linearly from the teacher's to its own predecessor's output (default 0: at once)")
     p.add_argument("--compile", nargs="?", const="all", default="none", choices=["none", "teacher", "all"],
                    help="torch.compile the teacher (~30 s, +13 %% tokens/s measured at E=4) or, bare or 'all', the "
                         "student too (for long runs: compilation takes minutes)")
     p.add_argument("--bf16-compute", action="store_true",
                    help="one process: frozen student parameters in bf16, so activations are bf16 as under FSDP2 "
                         "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one measured pair)")
-    p.add_argument("--cuda-graphs", action="store_true",
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="one process on a GPU: replay each step's forward and backward as a CUDA graph, so the host "
                         "does not launch its kernels one by one (needs --grad-accum 1, no --compile, no checkpointing)")
     p.add_argument("--seed", type=int, default=0)

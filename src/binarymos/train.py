@@ -115,6 +115,10 @@ class TrainConfig:
     # fraction of the budget trained block by block first: every student block computes from the teacher's
     # input to it (TeacherForcedBlocks), then end to end; None: the recipe's (default 0.25, paper 0)
     blockwise: float | None = None
+    # fraction of the budget after the block-wise one over which each student block's input moves linearly from
+    # the teacher's input to its own predecessor's output (TeacherForcedBlocks' teacher_share), so the end-to-end
+    # phase does not start from the error of all blocks compounded at once; 0: end to end at once
+    blockwise_anneal: float = 0.0
     # "teacher": torch.compile the frozen teacher's forward (one process on a GPU: with CUDA graphs), ~30 s to compile,
     # +13 % tokens/s at E=4 (SmolLM2, one H100, docs/RESULTS.md); "all": the student too (minutes to compile)
     compile: str = "none"
@@ -160,6 +164,10 @@ class TrainConfig:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile!r}")
         if not 0 <= self.blockwise <= 1:
             raise ValueError(f"blockwise must be a fraction of the budget in [0, 1], got {self.blockwise}")
+        if self.blockwise_anneal < 0 or self.blockwise + self.blockwise_anneal > 1 or \
+                (self.blockwise_anneal and not self.blockwise):
+            raise ValueError("blockwise_anneal must be >= 0 and follow a block-wise phase (blockwise > 0) within the "
+                             f"budget (blockwise + blockwise_anneal <= 1), got {self.blockwise} + {self.blockwise_anneal}")
         if self.blockwise and (not self.hidden_weight or self.compile != "none"):
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
                              "compile none (its hooks change each step's graph): set blockwise 0 for either")
@@ -311,12 +319,15 @@ class TeacherForcedBlocks:
     learns to reproduce its teacher block without the errors of the blocks before it (EfficientQAT's block-wise
     phase, trained in one pass). The hooks stay until the backward is done, because gradient checkpointing
     recomputes the blocks there. ``outputs`` gives the two models' block outputs as ``hidden_states[1:]``, the
-    layout distillation_loss reads.
+    layout distillation_loss reads. With ``teacher_share`` (a 0-d tensor, read when the blocks run, so a CUDA graph's
+    replays see its new values) each block's input is lerp(own, teacher's, teacher_share) instead: the gradient
+    then also reaches the blocks before it, through their share.
     """
 
-    def __init__(self, teacher, student):
+    def __init__(self, teacher, student, teacher_share: torch.Tensor | None = None):
         self.teacher_in, self.teacher_out, self.student_out = {}, {}, {}
         self._models = (distributed.unwrap(teacher), distributed.unwrap(student))
+        self.teacher_share = teacher_share
 
     def __enter__(self):
         (_, teacher_blocks), (_, student_blocks) = (decoder_blocks(m) for m in self._models)
@@ -350,6 +361,8 @@ class TeacherForcedBlocks:
         def replace_input(module, args, kwargs):
             own = args[0] if args else kwargs["hidden_states"]
             forced = self.teacher_in[i].to(own.dtype)
+            if self.teacher_share is not None:
+                forced = torch.lerp(own, forced, self.teacher_share.to(own.dtype))
             return ((forced, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": forced})
         return replace_input
 
@@ -361,15 +374,16 @@ class TeacherForcedBlocks:
 
 
 def step_gradients(teacher, student, batches: list[torch.Tensor], cfg: TrainConfig, blockwise: bool, autocast,
-                   ddp: bool = False) -> torch.Tensor:
+                   ddp: bool = False, teacher_share: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches (``batches``: their token ids, on the device),
     then the gradients clipped to cfg.grad_clip: [loss, kl, hidden, gradient norm] as one float32 tensor on the
-    device, not yet read. With ``blockwise`` every student block computes from the teacher's input to it."""
+    device, not yet read. With ``blockwise`` every student block computes from the teacher's input to it (or, with
+    ``teacher_share``, from that share of it and the rest of its own predecessor's output)."""
     hidden_states = bool(cfg.hidden_weight) and not blockwise  # block-wise: the hooks keep the blocks' outputs
     parts_sum = torch.zeros(3, device=batches[0].device)  # loss, kl, hidden, summed over micro-batches
     for micro, ids in enumerate(batches):
         # DDP averages the gradients once per step, in the last micro-batch's backward
-        with (TeacherForcedBlocks(teacher, student) if blockwise else nullcontext()) as forced, \
+        with (TeacherForcedBlocks(teacher, student, teacher_share) if blockwise else nullcontext()) as forced, \
                 student.no_sync() if ddp and micro < len(batches) - 1 else nullcontext():
             with torch.no_grad(), autocast:
                 t_out = teacher(input_ids=ids, output_hidden_states=hidden_states)
@@ -394,7 +408,8 @@ class GraphedStep:
     (docs/RESULTS.md). A replay launches the captured step at once. The capture allocates the gradients, and
     every replay writes them anew, so while a graph lives nothing may set them to None (train leaves out its
     zero_grad). A phase change drops the graph before capturing the next one, so one phase's memory is held at a
-    time. Warm-up passes (on a side stream, their gradients discarded) run the lazy set-up first: cuBLAS
+    time. What the step decides in Python (shapes, branches, the block-wise hooks) is fixed at the capture; only the
+    ids, the weights and the buffers' values change between replays. Warm-up passes (on a side stream, their gradients discarded) run the lazy set-up first: cuBLAS
     workspaces, Triton's compiled kernels.
     """
 
@@ -424,10 +439,15 @@ class GraphedStep:
         try:
             with torch.cuda.graph(self.graph):
                 self.stats = self.compute(self.ids, blockwise)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as err:  # an operation of this model that a graph cannot hold (a sync, a host copy)
+            while err.__context__ is not None:  # the capture's end raises again over the operation that broke it
+                err = err.__context__
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(f"cuda_graphs: this model's training step cannot be captured as a CUDA graph "
-                               f"({reason}); train without it (--resume continues from the last checkpoint)") from err
+                               f"({reason}); train without it (--resume --no-cuda-graphs continues from the last "
+                               "checkpoint)") from err
         self.phase = blockwise
         torch.cuda.empty_cache()  # what the warm-up and the previous phase's graph held
 
@@ -676,7 +696,9 @@ def train(cfg: TrainConfig):
                               cache_enabled=not cfg.cuda_graphs)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     ddp = env.distributed and not env.sharded
-    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], cfg, blockwise, autocast),
+    teacher_share = torch.ones((), device=device) if cfg.blockwise_anneal else None  # filled in every step
+    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], cfg, blockwise, autocast,
+                                                                teacher_share=teacher_share),
                           optimizer) if cfg.cuda_graphs else None
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
@@ -701,15 +723,21 @@ def train(cfg: TrainConfig):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
-            # the first `blockwise` of the budget block by block, the rest end to end
-            blockwise = (step / steps if steps else clock["seconds"] / budget) < cfg.blockwise
+            # the first `blockwise` of the budget block by block (then `blockwise_anneal` of it less and less so),
+            # the rest end to end
+            progress = step / steps if steps else clock["seconds"] / budget
+            blockwise = progress < cfg.blockwise + cfg.blockwise_anneal
+            share = min(1.0, 1 - (progress - cfg.blockwise) / cfg.blockwise_anneal) if cfg.blockwise_anneal else 1.0
+            if teacher_share is not None:
+                teacher_share.fill_(share)
             batches = [blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                        for micro in range(cfg.grad_accum)]
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
             *parts_read, norm = (graphed(batches[0], blockwise) if graphed else
-                                 step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp)).tolist()
+                                 step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp,
+                                                teacher_share)).tolist()
             terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
             if not math.isfinite(terms["loss"]):
                 raise _diverged(f"loss is {terms['loss']}", step, out)
@@ -725,6 +753,7 @@ def train(cfg: TrainConfig):
             unlogged = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
                         "lr_weight": optimizer.param_groups[0]["lr"], "lr_scale": optimizer.param_groups[1]["lr"],
                         **({"blockwise": True} if blockwise else {}),
+                        **({"teacher_share": round(share, 6)} if blockwise and teacher_share is not None else {}),
                         "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
             if step % cfg.log_every == 0 or last:
                 log.write(json.dumps(unlogged) + "\n")
@@ -739,6 +768,8 @@ def train(cfg: TrainConfig):
             log.write(json.dumps(unlogged) + "\n")
         if budget is not None:  # saved with the clock that ended the budget, so a resume does not step again
             save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
+    optimizer.zero_grad(set_to_none=True)  # a graph's gradients outlive its replays (eager's are gone already)
+    del graphed  # and its memory pool goes back before the model is saved
     student = distributed.unwrap(student)
     if cfg.bf16_compute and not env.sharded:
         student.float()  # a plain float32 model again, usable outside autocast
