@@ -483,6 +483,53 @@ def test_cuda_graphs_capture_of_a_step_it_cannot_hold_ends_with_one_line_that_sa
     assert warmed == [False] * 3 and weight.grad is None  # warmed up on the phase's step, its gradients dropped
 
 
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that read a tensor's value on the host: on a GPU each is a wait for it, and a CUDA graph
+    cannot hold one (.item() and a tensor's truth value, nonzero, boolean-mask indexing and selection, unique)."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+             "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masks = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if masks or func.name() in self.READS:
+            self.seen.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_sees_what_a_cuda_graph_cannot_hold():
+    x = torch.tensor([1.0, -2.0, 3.0])
+    with HostReads() as reads:
+        x.sum().item(), bool(x[0] > 0), x[x > 0], torch.nonzero(x), (x + 1).exp()
+    assert reads.seen == ["aten::_local_scalar_dense", "aten::_local_scalar_dense", "aten::index.Tensor",
+                          "aten::nonzero"]
+
+
+def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(arch, text_file, tmp_path,
+                                                                                 monkeypatch):
+    """What a CUDA graph needs, checked on the CPU for every architecture: the training step (both models' forward,
+    the loss, the backward, the clipping) reads no tensor's value on the host, in either phase, as a capture runs
+    it (transformers skips its checks of a mask's values while a stream captures)."""
+    from pack_helpers import tiny_lm, tiny_tokenizer
+
+    from binarymos.train import prepare, step_gradients
+
+    tiny_lm(arch).save_pretrained(tmp_path / arch)
+    tiny_tokenizer().save_pretrained(tmp_path / arch)
+    config = cfg(tmp_path / arch, text_file, tmp_path / "run")
+    teacher, student, _, blocks = prepare(config)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for blockwise in (True, False):
+        with HostReads() as reads:
+            stats = step_gradients(teacher, student, [blocks[:2]], config, blockwise, torch.autocast("cpu", enabled=False))
+        assert reads.seen == [] and torch.isfinite(stats).all()
+        student.zero_grad(set_to_none=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("experts", [1, 2])
 def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts):
