@@ -434,8 +434,8 @@ def test_blockwise_trains_block_by_block_then_end_to_end(teacher_dir, text_file,
 
 
 def test_cuda_graphs_are_refused_where_a_graph_cannot_capture_the_step(teacher_dir, text_file, tmp_path):
-    for bad in (dict(grad_accum=2), dict(compile="teacher", blockwise=0), dict(grad_checkpointing=True)):
-        with pytest.raises(ValueError, match="cuda_graphs captures one micro-batch"):
+    for bad in (dict(compile="teacher", blockwise=0), dict(grad_checkpointing=True)):
+        with pytest.raises(ValueError, match="cuda_graphs captures the eager step"):
             TrainConfig(cuda_graphs=True, **bad)
     with pytest.raises(ValueError, match="cuda_graphs needs one process on a GPU .*1 on cpu"):
         train(cfg(teacher_dir, text_file, tmp_path / "run", cuda_graphs=True))
@@ -468,18 +468,18 @@ def test_cuda_graphs_capture_of_a_step_it_cannot_hold_ends_with_one_line_that_sa
     weight = torch.nn.Parameter(torch.ones(3))
     warmed = []
 
-    def compute(ids, blockwise):
+    def compute(batches, blockwise):
         if capturing:
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
         warmed.append(blockwise)
-        (weight * ids).sum().backward()
+        (weight * batches[0]).sum().backward()
         return torch.zeros(4)
 
     step = GraphedStep(compute, torch.optim.SGD([weight], lr=0.1))
     with pytest.raises(RuntimeError, match=r"^cuda_graphs: .*cannot be captured as a CUDA graph \(CUDA error: "
                                            r"operation not permitted when stream is capturing\); train without it "
                                            r"\(--resume --no-cuda-graphs"):
-        step(torch.ones(3), False)
+        step([torch.ones(3)], False)
     assert warmed == [False] * 3 and weight.grad is None  # warmed up on the phase's step, its gradients dropped
 
 
@@ -531,11 +531,11 @@ def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("experts", [1, 2])
-def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts):
+@pytest.mark.parametrize("experts, accum", [(1, 1), (2, 1), (2, 2)])
+def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts, accum):
     """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
     loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
-    both phases and after a phase comes back."""
+    both phases and after a phase comes back; with two micro-batches, their gradients summed in the graph."""
     import copy
 
     from binarymos.train import GraphedStep, prepare, step_gradients
@@ -546,17 +546,17 @@ def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text
     reference = copy.deepcopy(student)
     off = torch.autocast("cuda", enabled=False)
     params = [p for p in student.parameters() if p.requires_grad]
-    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], config, blockwise, off),
+    graphed = GraphedStep(lambda batches, blockwise: step_gradients(teacher, student, batches, config, blockwise, off),
                           torch.optim.SGD(params, lr=0.0))
     for i, blockwise in enumerate((True, True, False, False, True)):
         with torch.no_grad():  # the replay must read the weights as they are now
             for p in params:
                 p.add_(0.01 * torch.randn_like(p))
             reference.load_state_dict(student.state_dict())
-        ids = blocks[[2 * i, 2 * i + 1]].cuda()
-        replayed = graphed(ids, blockwise).clone()
+        batches = [blocks[[4 * i + 2 * m, 4 * i + 2 * m + 1]].cuda() for m in range(accum)]
+        replayed = graphed(batches, blockwise).clone()
         reference.zero_grad(set_to_none=True)
-        eager = step_gradients(teacher, reference, [ids], config, blockwise, off)
+        eager = step_gradients(teacher, reference, batches, config, blockwise, off)
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-7)
         grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
         for name, p in student.named_parameters():

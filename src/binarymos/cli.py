@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one measured pair)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="one process on a GPU: replay each step's forward and backward as a CUDA graph, so the host "
-                        "does not launch its kernels one by one (needs --grad-accum 1, no --compile, no checkpointing)")
+                        "does not launch its kernels one by one (needs no --compile and no checkpointing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")

@@ -128,7 +128,7 @@ class TrainConfig:
     # until a second pair confirms it
     bf16_compute: bool = False
     # one process on a GPU: each step's forward, backward and clipping replayed as a CUDA graph (GraphedStep), so
-    # the host no longer launches its kernels one by one; needs grad_accum 1, compile none, no checkpointing
+    # the host no longer launches its kernels one by one; needs compile none and no checkpointing
     cuda_graphs: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)
@@ -171,9 +171,9 @@ class TrainConfig:
         if self.blockwise and (not self.hidden_weight or self.compile != "none"):
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
                              "compile none (its hooks change each step's graph): set blockwise 0 for either")
-        if self.cuda_graphs and (self.grad_accum != 1 or self.compile != "none" or self.grad_checkpointing):
-            raise ValueError("cuda_graphs captures one micro-batch's eager step: it needs grad_accum 1, compile none "
-                             "and no gradient checkpointing")
+        if self.cuda_graphs and (self.compile != "none" or self.grad_checkpointing):
+            raise ValueError("cuda_graphs captures the eager step: it needs compile none and no gradient "
+                             "checkpointing")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
@@ -400,8 +400,8 @@ def step_gradients(teacher, student, batches: list[torch.Tensor], cfg: TrainConf
 
 
 class GraphedStep:
-    """step_gradients of one micro-batch as a CUDA graph per phase (block-wise, end to end), replayed with each
-    step's token ids.
+    """step_gradients as a CUDA graph per phase (block-wise, end to end), replayed with each step's token ids (one
+    tensor per micro-batch) copied into the captured ones.
 
     Eager, the host launches a step's thousands of kernels one by one (Python, autograd, the launches), and the
     GPU waits for it: SmolLM2-135M trained at ~40k tokens/s alone on an H200 but ~62k with two runs sharing it
@@ -417,17 +417,18 @@ class GraphedStep:
         self.compute, self.optimizer, self.warmup = compute, optimizer, warmup
         self.phase = self.graph = self.ids = self.stats = None
 
-    def __call__(self, ids: torch.Tensor, blockwise: bool) -> torch.Tensor:
+    def __call__(self, batches: list[torch.Tensor], blockwise: bool) -> torch.Tensor:
         if blockwise != self.phase:
-            self._capture(ids, blockwise)
-        self.ids.copy_(ids)
+            self._capture(batches, blockwise)
+        for captured, ids in zip(self.ids, batches, strict=True):
+            captured.copy_(ids)
         self.graph.replay()
         return self.stats
 
-    def _capture(self, ids: torch.Tensor, blockwise: bool) -> None:
+    def _capture(self, batches: list[torch.Tensor], blockwise: bool) -> None:
         self.graph = self.stats = None
         self.optimizer.zero_grad(set_to_none=True)
-        self.ids = ids.clone()
+        self.ids = [ids.clone() for ids in batches]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -697,8 +698,8 @@ def train(cfg: TrainConfig):
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     ddp = env.distributed and not env.sharded
     teacher_share = torch.ones((), device=device) if cfg.blockwise_anneal else None  # filled in every step
-    graphed = GraphedStep(lambda ids, blockwise: step_gradients(teacher, student, [ids], cfg, blockwise, autocast,
-                                                                teacher_share=teacher_share),
+    graphed = GraphedStep(lambda batches, blockwise: step_gradients(teacher, student, batches, cfg, blockwise,
+                                                                    autocast, teacher_share=teacher_share),
                           optimizer) if cfg.cuda_graphs else None
     student.train()
     bar = tqdm(total=steps or round(budget), initial=start if steps else round(trained_seconds), desc="distil",
@@ -735,7 +736,7 @@ def train(cfg: TrainConfig):
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
-            *parts_read, norm = (graphed(batches[0], blockwise) if graphed else
+            *parts_read, norm = (graphed(batches, blockwise) if graphed else
                                  step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp,
                                                 teacher_share)).tolist()
             terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
