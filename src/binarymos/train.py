@@ -167,7 +167,8 @@ class TrainConfig:
         if self.blockwise_anneal < 0 or self.blockwise + self.blockwise_anneal > 1 or \
                 (self.blockwise_anneal and not self.blockwise):
             raise ValueError("blockwise_anneal must be >= 0 and follow a block-wise phase (blockwise > 0) within the "
-                             f"budget (blockwise + blockwise_anneal <= 1), got {self.blockwise} + {self.blockwise_anneal}")
+                             f"budget (blockwise + blockwise_anneal <= 1), got {self.blockwise} + "
+                             f"{self.blockwise_anneal}")
         if self.blockwise and (not self.hidden_weight or self.compile != "none"):
             raise ValueError("blockwise training needs hidden_weight > 0 (its loss is the blocks' outputs) and "
                              "compile none (its hooks change each step's graph): set blockwise 0 for either")
@@ -409,8 +410,8 @@ class GraphedStep:
     every replay writes them anew, so while a graph lives nothing may set them to None (train leaves out its
     zero_grad). A phase change drops the graph before capturing the next one, so one phase's memory is held at a
     time. What the step decides in Python (shapes, branches, the block-wise hooks) is fixed at the capture; only the
-    ids, the weights and the buffers' values change between replays. Warm-up passes (on a side stream, their gradients discarded) run the lazy set-up first: cuBLAS
-    workspaces, Triton's compiled kernels.
+    ids, the weights and the buffers' values change between replays. Warm-up passes (on a side stream, their
+    gradients discarded) run the lazy set-up first: cuBLAS workspaces, Triton's compiled kernels.
     """
 
     def __init__(self, compute, optimizer, warmup: int = 3):
