@@ -17,7 +17,9 @@ student's blocks on their own:
 - ``fused-adamw``: nothing compiled, and AdamW's fused update (one kernel for all parameters) instead of train's
   multi-tensor one, a candidate against the step's host overhead (binarymos.plan counts the multi-tensor update's
   temporary, so a switch needs its peak memory measured too);
-- ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``).
+- ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``);
+- ``cuda-graphs+fused-adamw``: both (with the host out of the forward and backward, the eager multi-tensor update is
+  the time the GPU waits between replays).
 
 Where ``eager`` ran first at the same E, each later variant's row also gives the largest relative difference of its
 logged loss from eager's over the same steps (the same data, so a correct variant differs by rounding only).
@@ -40,13 +42,14 @@ from binarymos import train as train_mod
 from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs")
+VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs",
+            "cuda-graphs+fused-adamw")
 
 
 def _patch(variant: str) -> dict:
     """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
-    if variant == "fused-adamw":
+    if "fused-adamw" in variant:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda groups, **options: adamw(groups, **options, fused=True)
     if variant == "formula":
@@ -74,7 +77,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             started = time.perf_counter()
             train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=batch,
                               grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
-                              save_every=10**6, cuda_graphs=variant == "cuda-graphs"))
+                              save_every=10**6, cuda_graphs="cuda-graphs" in variant))
             wall = time.perf_counter() - started
             log = train_mod.read_log(out)
     finally:
