@@ -48,6 +48,8 @@ def test_analyze_draws_readable_pngs_and_the_gates_of_the_chosen_layers(run_dir,
 def test_a_runs_model_directory_is_analysed_with_its_runs_loss_curve(run_dir, tmp_path):
     summary = analyze(run_dir / "model", tmp_path / "pictures", layers="0")
     assert summary["log_records"] == 6 and (tmp_path / "pictures" / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    # the default recipe's first quarter block-wise: steps 0 and 1 of 6 (1/6 < 0.25), 2 x 32 tokens each
+    assert summary["blockwise_until_tokens"] == 2 * (2 * 32)
 
 
 @pytest.mark.parametrize("layers, message", [("7", "block 7 out of range"), ("*.nothing", "no BinaryMoS layer")])

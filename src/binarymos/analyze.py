@@ -4,7 +4,7 @@
                  BOS for models that need one, data.needs_bos)
     scales.png   per-token scales s_in / s_out of those layers against the static scale (the mean of
                  the experts: what one expert, OneBit, would hold), for the channels that move most
-    loss.png     the loss terms of RUN/log.jsonl against trained tokens
+    loss.png     the loss terms of RUN/log.jsonl against trained tokens, the block-wise phase shaded
     analyze.json the numbers behind the pictures
 
 matplotlib is imported only here (pip install 'binarymos[plot]').
@@ -115,11 +115,16 @@ def plot_scales(plt, scales: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_loss(plt, records: list[dict], path: Path) -> None:
+def plot_loss(plt, records: list[dict], path: Path, blockwise_until: int | None = None) -> None:
+    """The loss terms against trained tokens, the block-wise phase (up to ``blockwise_until`` tokens) shaded: its
+    terms are each block's own error, so the curves jump where it ends."""
     keys = [k for k in ("loss", "kl", "hidden") if any(r.get(k) for r in records)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     tokens = [r["tokens"] for r in records]
     for ax, key in zip(axes[0], keys):
+        if blockwise_until:
+            ax.axvspan(0, blockwise_until, color="tab:orange", alpha=0.15, label="block-wise")
+            ax.legend(loc="upper right", fontsize=8)
         ax.plot(tokens, [r[key] for r in records])
         ax.set_yscale("log")
         ax.set_xlabel("trained tokens")
@@ -164,7 +169,10 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
                                        for side, (v, static) in sides.items()} for n, sides in scales.items()}}
     records = read_log(run_of(run) or run)
     if records:
-        plot_loss(plt, records, out / "loss.png")
+        blockwise = [r["tokens"] for r in records if r.get("blockwise")]
+        plot_loss(plt, records, out / "loss.png", blockwise[-1] if blockwise else None)
         summary["log_records"] = len(records)
+        if blockwise:
+            summary["blockwise_until_tokens"] = blockwise[-1]
     (out / "analyze.json").write_text(json.dumps(summary, indent=2))
     return summary
