@@ -166,7 +166,8 @@ def test_sigterm_saves_the_finished_step_and_resume_reaches_the_same_weights(tea
 
 
 def test_time_budget_logs_its_last_step_whatever_log_every(teacher_dir, text_file, tmp_path):
-    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=None, max_minutes=1.5 / 60, log_every=10**6))
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=None, max_minutes=1.5 / 60, log_every=10**6,
+              blockwise=0))  # (with a block-wise phase its last step is logged too)
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert final["step"] > 0 and [r["step"] for r in log] == [final["step"]]
@@ -410,6 +411,13 @@ def test_teacher_forced_blocks_with_a_teacher_share_mix_the_two_inputs_and_pass_
     assert all(g is None or not g.any() for g in grads[1.0])
 
 
+
+def test_the_last_blockwise_step_is_logged_whatever_the_log_interval(teacher_dir, text_file, tmp_path):
+    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=8, blockwise=0.25, log_every=4))
+    # steps 0 and 1 of 8 block-wise (1/8 < 0.25): the second is logged as the phase ends, then every 4th and the last
+    assert [(r["step"], r.get("blockwise", False)) for r in train_mod.read_log(tmp_path / "run")] == \
+        [(2, True), (4, False), (8, False)]
+
 def test_blockwise_anneal_hands_each_block_its_own_input_linearly_after_the_blockwise_phase(teacher_dir, text_file,
                                                                                             tmp_path):
     train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=8, blockwise=0.25, blockwise_anneal=0.5))
@@ -488,14 +496,15 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     cannot hold one (.item() and a tensor's truth value, nonzero, boolean-mask indexing and selection, unique)."""
 
     READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-             "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor"}
+             "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor", "aten::equal"}
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        masks = func is torch.ops.aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+        indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default)
+        masks = func in indexing and any(i is not None and i.dtype == torch.bool for i in args[1])
         if masks or func.name() in self.READS:
             self.seen.append(func.name())
         return func(*args, **(kwargs or {}))
@@ -504,9 +513,25 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 def test_host_reads_sees_what_a_cuda_graph_cannot_hold():
     x = torch.tensor([1.0, -2.0, 3.0])
     with HostReads() as reads:
-        x.sum().item(), bool(x[0] > 0), x[x > 0], torch.nonzero(x), (x + 1).exp()
+        x.sum().item(), bool(x[0] > 0), x[x > 0], torch.nonzero(x), (x + 1).exp(), torch.equal(x, x)
     assert reads.seen == ["aten::_local_scalar_dense", "aten::_local_scalar_dense", "aten::index.Tensor",
-                          "aten::nonzero"]
+                          "aten::nonzero", "aten::equal"]
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * grad.sum().item()
+
+    a = torch.ones(3, requires_grad=True)
+    with HostReads() as reads:
+        y = ReadsInBackward.apply(a).sum()
+        assert reads.seen == []
+        y.backward()  # the backward's operators are seen too
+    assert reads.seen == ["aten::_local_scalar_dense"]
 
 
 def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(arch, text_file, tmp_path,
@@ -525,7 +550,8 @@ def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     for blockwise in (True, False):
         with HostReads() as reads:
-            stats = step_gradients(teacher, student, [blocks[:2]], config, blockwise, torch.autocast("cpu", enabled=False))
+            stats = step_gradients(teacher, student, [blocks[:2]], config, blockwise,
+                                   torch.autocast("cpu", enabled=False))
         assert reads.seen == [] and torch.isfinite(stats).all()
         student.zero_grad(set_to_none=True)
 

@@ -115,15 +115,22 @@ def plot_scales(plt, scales: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_loss(plt, records: list[dict], path: Path, blockwise_until: int | None = None) -> None:
-    """The loss terms against trained tokens, the block-wise phase (up to ``blockwise_until`` tokens) shaded: its
-    terms are each block's own error, so the curves jump where it ends."""
+def plot_loss(plt, records: list[dict], path: Path) -> None:
+    """The loss terms against trained tokens, the block-wise phase shaded (its terms are each block's own error, so
+    the curves jump where it ends), the part of it where the teacher's share of the inputs falls (--blockwise-anneal)
+    lighter."""
     keys = [k for k in ("loss", "kl", "hidden") if any(r.get(k) for r in records)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     tokens = [r["tokens"] for r in records]
+    phase = [r for r in records if r.get("blockwise")]
+    forced_until = max((r["tokens"] for r in phase if r.get("teacher_share", 1.0) >= 1.0), default=0)
+    blockwise_until = phase[-1]["tokens"] if phase else 0
     for ax, key in zip(axes[0], keys):
+        if forced_until:
+            ax.axvspan(0, forced_until, color="tab:orange", alpha=0.15, label="block-wise")
+        if blockwise_until > forced_until:
+            ax.axvspan(forced_until, blockwise_until, color="tab:orange", alpha=0.06, label="annealed")
         if blockwise_until:
-            ax.axvspan(0, blockwise_until, color="tab:orange", alpha=0.15, label="block-wise")
             ax.legend(loc="upper right", fontsize=8)
         ax.plot(tokens, [r[key] for r in records])
         ax.set_yscale("log")
@@ -170,7 +177,7 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
     records = read_log(run_of(run) or run)
     if records:
         blockwise = [r["tokens"] for r in records if r.get("blockwise")]
-        plot_loss(plt, records, out / "loss.png", blockwise[-1] if blockwise else None)
+        plot_loss(plt, records, out / "loss.png")
         summary["log_records"] = len(records)
         if blockwise:
             summary["blockwise_until_tokens"] = blockwise[-1]

@@ -320,9 +320,9 @@ class TeacherForcedBlocks:
     learns to reproduce its teacher block without the errors of the blocks before it (EfficientQAT's block-wise
     phase, trained in one pass). The hooks stay until the backward is done, because gradient checkpointing
     recomputes the blocks there. ``outputs`` gives the two models' block outputs as ``hidden_states[1:]``, the
-    layout distillation_loss reads. With ``teacher_share`` (a 0-d tensor, read when the blocks run, so a CUDA graph's
-    replays see its new values) each block's input is lerp(own, teacher's, teacher_share) instead: the gradient
-    then also reaches the blocks before it, through their share.
+    layout distillation_loss reads. With ``teacher_share`` (a 0-d tensor on the models' device, read when the blocks
+    run, so a CUDA graph's replays see its new values) each block's input is lerp(own, teacher's, teacher_share)
+    instead: the gradient then also reaches the blocks before it, through their share.
     """
 
     def __init__(self, teacher, student, teacher_share: torch.Tensor | None = None):
@@ -732,6 +732,9 @@ def train(cfg: TrainConfig):
             share = min(1.0, 1 - (progress - cfg.blockwise) / cfg.blockwise_anneal) if cfg.blockwise_anneal else 1.0
             if teacher_share is not None:
                 teacher_share.fill_(share)
+            if unlogged is not None and unlogged.get("blockwise") and not blockwise:  # the phase's last step, logged
+                log.write(json.dumps(unlogged) + "\n")
+                unlogged = None
             batches = [blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
                        for micro in range(cfg.grad_accum)]
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
