@@ -5,7 +5,7 @@ import pytest
 import torch
 from pack_helpers import SPECIALS, encode, tiny_lm, tiny_tokenizer
 
-from binarymos.analyze import analyze
+from binarymos.analyze import analyze, blockwise_phase
 from binarymos.cli import main
 from binarymos.models import load_model
 from binarymos.train import TrainConfig, train
@@ -51,6 +51,13 @@ def test_a_runs_model_directory_is_analysed_with_its_runs_loss_curve(run_dir, tm
     # the default recipe's first quarter block-wise: steps 0 and 1 of 6 (1/6 < 0.25), 2 x 32 tokens each
     assert summary["blockwise_until_tokens"] == 2 * (2 * 32)
 
+
+
+def test_blockwise_phase_ends_where_the_teachers_inputs_and_the_anneal_end():
+    records = [{"tokens": 10, "blockwise": True}, {"tokens": 20, "blockwise": True, "teacher_share": 1.0},
+               {"tokens": 30, "blockwise": True, "teacher_share": 0.5}, {"tokens": 40}]
+    assert blockwise_phase(records) == (20, 30)
+    assert blockwise_phase(records[:2] + records[3:]) == (20, 20) and blockwise_phase(records[3:]) == (0, 0)
 
 @pytest.mark.parametrize("layers, message", [("7", "block 7 out of range"), ("*.nothing", "no BinaryMoS layer")])
 def test_bad_layers_are_one_line_errors(run_dir, tmp_path, capsys, layers, message):

@@ -115,6 +115,14 @@ def plot_scales(plt, scales: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def blockwise_phase(records: list[dict]) -> tuple[int, int]:
+    """(tokens, tokens): where a run's block-wise phase ends while its blocks take the teacher's inputs alone, and
+    where it ends with its --blockwise-anneal; (0, 0) for a run without one."""
+    phase = [r for r in records if r.get("blockwise")]
+    forced_until = max((r["tokens"] for r in phase if r.get("teacher_share", 1.0) >= 1.0), default=0)
+    return forced_until, phase[-1]["tokens"] if phase else 0
+
+
 def plot_loss(plt, records: list[dict], path: Path) -> None:
     """The loss terms against trained tokens, the block-wise phase shaded (its terms are each block's own error, so
     the curves jump where it ends), the part of it where the teacher's share of the inputs falls (--blockwise-anneal)
@@ -122,9 +130,7 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
     keys = [k for k in ("loss", "kl", "hidden") if any(r.get(k) for r in records)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     tokens = [r["tokens"] for r in records]
-    phase = [r for r in records if r.get("blockwise")]
-    forced_until = max((r["tokens"] for r in phase if r.get("teacher_share", 1.0) >= 1.0), default=0)
-    blockwise_until = phase[-1]["tokens"] if phase else 0
+    forced_until, blockwise_until = blockwise_phase(records)
     for ax, key in zip(axes[0], keys):
         if forced_until:
             ax.axvspan(0, forced_until, color="tab:orange", alpha=0.15, label="block-wise")
@@ -176,10 +182,10 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
                                        for side, (v, static) in sides.items()} for n, sides in scales.items()}}
     records = read_log(run_of(run) or run)
     if records:
-        blockwise = [r["tokens"] for r in records if r.get("blockwise")]
         plot_loss(plt, records, out / "loss.png")
         summary["log_records"] = len(records)
-        if blockwise:
-            summary["blockwise_until_tokens"] = blockwise[-1]
+        blockwise_until = blockwise_phase(records)[1]
+        if blockwise_until:
+            summary["blockwise_until_tokens"] = blockwise_until
     (out / "analyze.json").write_text(json.dumps(summary, indent=2))
     return summary
