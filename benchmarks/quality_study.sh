@@ -12,7 +12,7 @@
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
 #                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bw50, lr2,
-#                                   # lr05, hid3, norms, alltext, graphs, anneal10 or anneal25, joined by +: lanes-alone below)
+#                                   # lr05, hid3, norms, alltext, graphs, cache, anneal10 or anneal25, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -290,7 +290,8 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # recipe at E=4, e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
     # 16, bw50 --blockwise 0.5, lr2 and lr05 both learning rates doubled and halved, hid3 --hidden-weight 3, norms
     # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
-    # the default recipe with each step replayed as a CUDA graph (--cuda-graphs), anneal10 and anneal25
+    # the default recipe with each step replayed as a CUDA graph (--cuda-graphs), cache the teacher's outputs computed
+    # once before the first step (--cache-teacher), anneal10 and anneal25
     # --blockwise-anneal 0.1 and 0.25 (each block's input handed from the teacher's to its own over that share of
     # the budget after the block-wise quarter); NAME may join several with +
     # (graphs+e1: E=1 with CUDA graphs); batch 8,
@@ -317,6 +318,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             norms) extra+=" --train-norms" ;;
             alltext) extra+=" --data c4_wiki,calib" ;;
             graphs) extra+=" --cuda-graphs" ;;
+            cache) extra+=" --cache-teacher" ;;
             anneal10 | anneal25) extra+=" --blockwise-anneal 0.${part#anneal}" ;;
             *) unknown=$part ;;
             esac

@@ -78,7 +78,7 @@ def main() -> None:
     lines += ["", f"## Training step, batch {args.batch}{setting}: wall {wall * 1e3:.0f} ms per step, GPU kernels "
               f"{gpu_us / 1e3:.0f} ms per step", "", "```",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), "```", "", "```",
-              prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), "```"]
+              prof.key_averages().table(sort_by="self_device_time_total", row_limit=40), "```"]
     if args.sampling:
         lines += sampling_profile(args.model)
     (out / "profile.md").write_text("\n".join(lines) + "\n")

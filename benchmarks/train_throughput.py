@@ -19,7 +19,9 @@ student's blocks on their own:
   temporary, so a switch needs its peak memory measured too);
 - ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``);
 - ``cuda-graphs+fused-adamw``: both (with the host out of the forward and backward, the eager multi-tensor update is
-  the time the GPU waits between replays).
+  the time the GPU waits between replays);
+- ``cache`` and ``cuda-graphs+cache``: the teacher's outputs computed once before the first step and gathered from the
+  GPU by each step (``--cache-teacher``; its seconds count in "seconds to step 10", not in the tokens/s).
 
 Where ``eager`` ran first at the same E, each later variant's row also gives the largest relative difference of its
 logged loss from eager's over the same steps (the same data, so a correct variant differs by rounding only).
@@ -43,20 +45,21 @@ from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
 VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs",
-            "cuda-graphs+fused-adamw")
+            "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache")
 
 
 def _patch(variant: str) -> dict:
     """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
-    if "fused-adamw" in variant:
+    parts = variant.split("+")
+    if "fused-adamw" in parts:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda groups, **options: adamw(groups, **options, fused=True)
     if variant == "formula":
         BinaryMoSLinear.forward = BinaryMoSLinear.formula_forward
-    if "loss" in variant:
+    if "loss" in parts:
         train_mod._kl_sum, train_mod.hidden_pair = torch.compile(saved["_kl_sum"]), torch.compile(saved["hidden_pair"])
-    if "teacher" in variant:
+    if "teacher" in parts or "teacher-graphs" in parts:
         mode = "reduce-overhead" if variant == "teacher-graphs" else None
 
         def prepare(cfg, env=None):
@@ -77,7 +80,8 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             started = time.perf_counter()
             train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=batch,
                               grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
-                              save_every=10**6, cuda_graphs="cuda-graphs" in variant))
+                              save_every=10**6, cuda_graphs="cuda-graphs" in variant.split("+"),
+                              cache_teacher="cache" in variant.split("+")))
             wall = time.perf_counter() - started
             log = train_mod.read_log(out)
     finally:

@@ -556,31 +556,110 @@ def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(
         student.zero_grad(set_to_none=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("experts, accum", [(1, 1), (2, 1), (2, 2)])
-def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts, accum):
-    """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
-    loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
-    both phases and after a phase comes back; with two micro-batches, their gradients summed in the graph."""
+def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_compute(arch, text_file, tmp_path):
+    """Every architecture, both phases and the annealed one: a step whose teacher outputs come from the cache (token ids
+    and all gathered by block index) has the loss terms, norm and gradients of the step that runs the teacher on
+    those blocks' ids; each distinct tensor of the teacher's forward is kept once."""
     import copy
 
-    from binarymos.train import GraphedStep, prepare, step_gradients
+    from pack_helpers import tiny_lm, tiny_tokenizer
+
+    from binarymos.train import TeacherCache, prepare, step_gradients
+
+    tiny_lm(arch).save_pretrained(tmp_path / arch)
+    tiny_tokenizer().save_pretrained(tmp_path / arch)
+    config = cfg(tmp_path / arch, text_file, tmp_path / "run")
+    teacher, student, _, blocks = prepare(config)
+    off = torch.autocast("cpu", enabled=False)
+    cache = TeacherCache(teacher, blocks, 3, off)  # batches of 3: the last of them short
+    assert torch.equal(cache.ids, blocks) and all(len(t) == len(blocks) for t in cache.tensors)
+    if arch == "llama":  # the embeddings, each block's output, the final norm's output
+        assert len(cache.tensors) == teacher.config.num_hidden_layers + 2
+    reference = copy.deepcopy(student)
+    index = torch.tensor([len(blocks) - 1, 1])
+    for blockwise, share in ((True, None), (True, torch.tensor(0.25)), (False, None)):
+        cached = step_gradients(cache, student, [index], config, blockwise, off, teacher_share=share)
+        live = step_gradients(teacher, reference, [blocks[index]], config, blockwise, off, teacher_share=share)
+        torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-7)
+        grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
+        for name, p in student.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
+        student.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+
+
+def test_teacher_cache_is_refused_where_it_cannot_stand_in_for_the_teacher(tmp_path):
+    """Logits the head does not give alone (Gemma-2's final soft-capping) and a cache bigger than the GPU's room end
+    with one line each, before anything is allocated for the cache."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from binarymos.train import TeacherCache
+
+    off = torch.autocast("cpu", enabled=False)
+    blocks = torch.randint(3, 100, (4, 12))
+    capped = AutoModelForCausalLM.from_config(tiny_config("gemma2", head_dim=16, final_logit_softcapping=2.0)).eval()
+    with pytest.raises(ValueError, match="logits are not its output head's output"):
+        TeacherCache(capped, blocks, 2, off)
+    seen = []
+    llama = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    llama(input_ids=blocks, output_hidden_states=True)  # transformers' own hooks, installed at a first forward
+    hooks = [(len(block._forward_hooks), len(block._forward_pre_hooks)) for block in llama.model.layers]
+    with pytest.raises(ValueError, match=r"outputs for 4 blocks take 0\.0 GB, more than this GPU holds"):
+        TeacherCache(llama, blocks, 2, off, fits=lambda nbytes: seen.append(nbytes))
+    # 4 blocks x 12 tokens x 32 wide, float32: the embeddings, 2 block outputs and the final norm's
+    assert seen == [4 * 12 * 32 * 4 * 4]
+    assert [(len(block._forward_hooks), len(block._forward_pre_hooks)) for block in llama.model.layers] == hooks
+    with pytest.raises(ValueError, match="cache_teacher runs the teacher once"):
+        TrainConfig(cache_teacher=True, compile="teacher", blockwise=0)
+
+
+def test_cache_teacher_trains_what_the_teachers_forward_trains(teacher_dir, text_file, tmp_path):
+    """A whole run, block-wise, annealed and end to end: the same losses with the cache as without, and the cache's
+    size in the run's settings."""
+    for cached in (False, True):
+        train(cfg(teacher_dir, text_file, tmp_path / f"cached-{cached}", max_steps=8, blockwise=0.25,
+                  blockwise_anneal=0.25, cache_teacher=cached))
+    live, cached = (train_mod.read_log(tmp_path / f"cached-{c}") for c in (False, True))
+    assert [r.get("blockwise", False) for r in cached] == [True] * 4 + [False] * 4
+    for key in ("loss", "kl", "hidden"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in cached]), torch.tensor([r[key] for r in live]),
+                                   rtol=1e-4, atol=1e-6)
+    settings = json.loads((tmp_path / "cached-True" / "train_config.json").read_text())
+    assert settings["cache_teacher"] and settings["teacher_cache_gb"] > 0
+    assert (tmp_path / "cached-True" / "model").is_dir()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("experts, accum, cached", [(1, 1, False), (2, 1, False), (2, 2, False), (2, 2, True)])
+def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts, accum,
+                                                               cached):
+    """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
+    loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
+    both phases and after a phase comes back; with two micro-batches, their gradients summed in the graph; and with
+    the teacher's outputs gathered from a TeacherCache by block index inside the graph."""
+    import copy
+
+    from binarymos.train import GraphedStep, TeacherCache, prepare, step_gradients
 
     config = cfg(teacher_dir, text_file, tmp_path / "run", device="cuda", num_experts=experts)
     teacher, student, _, blocks = prepare(config)
     teacher.float()  # a GPU teacher comes in bf16
     reference = copy.deepcopy(student)
     off = torch.autocast("cuda", enabled=False)
+    source = TeacherCache(teacher, blocks, 2, off) if cached else teacher
     params = [p for p in student.parameters() if p.requires_grad]
-    graphed = GraphedStep(lambda batches, blockwise: step_gradients(teacher, student, batches, config, blockwise, off),
+    graphed = GraphedStep(lambda batches, blockwise: step_gradients(source, student, batches, config, blockwise, off),
                           torch.optim.SGD(params, lr=0.0))
     for i, blockwise in enumerate((True, True, False, False, True)):
         with torch.no_grad():  # the replay must read the weights as they are now
             for p in params:
                 p.add_(0.01 * torch.randn_like(p))
             reference.load_state_dict(student.state_dict())
-        batches = [blocks[[4 * i + 2 * m, 4 * i + 2 * m + 1]].cuda() for m in range(accum)]
-        replayed = graphed(batches, blockwise).clone()
+        indices = [torch.tensor([4 * i + 2 * m, 4 * i + 2 * m + 1]) for m in range(accum)]
+        batches = [blocks[index].cuda() for index in indices]
+        replayed = graphed([index.cuda() for index in indices] if cached else batches, blockwise).clone()
         reference.zero_grad(set_to_none=True)
         eager = step_gradients(teacher, reference, batches, config, blockwise, off)
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-7)

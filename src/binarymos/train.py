@@ -130,6 +130,9 @@ class TrainConfig:
     # one process on a GPU: each step's forward, backward and clipping replayed as a CUDA graph (GraphedStep), so
     # the host no longer launches its kernels one by one; needs compile none and no checkpointing
     cuda_graphs: bool = False
+    # one process: the teacher's outputs for every training block computed once, before the first step, and kept on
+    # the device (TeacherCache), so no step runs the teacher; its seconds count in the budget
+    cache_teacher: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)
     strategy: str = "auto"
@@ -175,13 +178,17 @@ class TrainConfig:
         if self.cuda_graphs and (self.compile != "none" or self.grad_checkpointing):
             raise ValueError("cuda_graphs captures the eager step: it needs compile none and no gradient "
                              "checkpointing")
+        if self.cache_teacher and self.compile == "teacher":
+            raise ValueError("cache_teacher runs the teacher once, before training: compile 'teacher' has nothing "
+                             "to compile")
         BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
 
 
 # what a resumed run may set anew: where and how fast it runs, not what it trains (a changed batch_size or grad_accum
 # keeps the global batch: distributed._keep_global_batch)
 ANEW_ON_RESUME = frozenset({"out", "resume", "data_dir", "device", "log_every", "save_every", "grad_checkpointing",
-                            "strategy", "compile", "batch_size", "grad_accum", "teacher_batch_size", "cuda_graphs"})
+                            "strategy", "compile", "batch_size", "grad_accum", "teacher_batch_size", "cuda_graphs",
+                            "cache_teacher"})
 
 
 def run_settings(out: str | os.PathLike) -> dict:
@@ -314,6 +321,27 @@ def _block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # older transformers return (hidden, ...)
 
 
+def _input_keeper(store, i):
+    def keep(module, args, kwargs):
+        store[i] = args[0] if args else kwargs["hidden_states"]
+    return keep
+
+
+def _output_keeper(store, i):
+    def keep(module, args, output):
+        store[i] = _block_output(output)
+    return keep
+
+
+def hook_blocks(model, inputs: dict, outputs: dict) -> list:
+    """Hooks that keep each decoder block's input and output, by block index, while ``model`` runs: their handles."""
+    handles = []
+    for i, block in enumerate(decoder_blocks(model)[1]):
+        handles += [block.register_forward_pre_hook(_input_keeper(inputs, i), with_kwargs=True),
+                    block.register_forward_hook(_output_keeper(outputs, i))]
+    return handles
+
+
 class TeacherForcedBlocks:
     """Block-wise distillation, all blocks at once: while inside ``with``, each decoder block of the student
     computes from the teacher's input to that block instead of its own predecessor's output, so every block
@@ -322,22 +350,23 @@ class TeacherForcedBlocks:
     recomputes the blocks there. ``outputs`` gives the two models' block outputs as ``hidden_states[1:]``, the
     layout distillation_loss reads. With ``teacher_share`` (a 0-d tensor on the models' device, read when the blocks
     run, so a CUDA graph's replays see its new values) each block's input is lerp(own, teacher's, teacher_share)
-    instead: the gradient then also reaches the blocks before it, through their share.
+    instead: the gradient then also reaches the blocks before it, through their share. With ``teacher`` None
+    only the student is hooked, and the teacher's block inputs and outputs come from a TeacherCache (``outputs``).
     """
 
     def __init__(self, teacher, student, teacher_share: torch.Tensor | None = None):
         self.teacher_in, self.teacher_out, self.student_out = {}, {}, {}
-        self._models = (distributed.unwrap(teacher), distributed.unwrap(student))
+        self._teacher, self._student = (None if teacher is None else distributed.unwrap(teacher),
+                                        distributed.unwrap(student))
         self.teacher_share = teacher_share
 
     def __enter__(self):
-        (_, teacher_blocks), (_, student_blocks) = (decoder_blocks(m) for m in self._models)
         self._handles = []
-        for i, (t_block, s_block) in enumerate(zip(teacher_blocks, student_blocks)):
-            self._handles += [t_block.register_forward_pre_hook(self._keeper(self.teacher_in, i), with_kwargs=True),
-                              t_block.register_forward_hook(self._output_keeper(self.teacher_out, i)),
-                              s_block.register_forward_pre_hook(self._replacer(i), with_kwargs=True),
-                              s_block.register_forward_hook(self._output_keeper(self.student_out, i))]
+        if self._teacher is not None:
+            self._handles += hook_blocks(self._teacher, self.teacher_in, self.teacher_out)
+        for i, s_block in enumerate(decoder_blocks(self._student)[1]):
+            self._handles += [s_block.register_forward_pre_hook(self._replacer(i), with_kwargs=True),
+                              s_block.register_forward_hook(_output_keeper(self.student_out, i))]
         return self
 
     def __exit__(self, *exc):
@@ -345,18 +374,6 @@ class TeacherForcedBlocks:
             handle.remove()
         for store in (self.teacher_in, self.teacher_out, self.student_out):
             store.clear()  # the next micro-batch's forward must not find these still alive
-
-    @staticmethod
-    def _keeper(store, i):
-        def keep(module, args, kwargs):
-            store[i] = args[0] if args else kwargs["hidden_states"]
-        return keep
-
-    @staticmethod
-    def _output_keeper(store, i):
-        def keep(module, args, output):
-            store[i] = _block_output(output)
-        return keep
 
     def _replacer(self, i):
         def replace_input(module, args, kwargs):
@@ -374,20 +391,88 @@ class TeacherForcedBlocks:
                      for out, store in ((student_out, self.student_out), (teacher_out, self.teacher_out)))
 
 
+class TeacherCache:
+    """The frozen teacher's outputs for every training block, computed once and kept on the device, so that a step
+    runs no teacher forward: each decoder block's input and output (the block-wise phase), the hidden states (end
+    to end) and the output head's input, from which a step recomputes the logits with the head (one product; the
+    logits themselves would be vocabulary-sized: 61 GB as bf16 for SmolLM2's 303 blocks of 2048 tokens, against 23
+    GB for these). Tensors that are one and the same in the forward (a block's output and the next block's input)
+    are kept once. Exact, since the training data is whole blocks and the teacher is frozen in eval mode; a step's
+    batch is then its block indices on the device, gathered inside a CUDA graph as well. ``fits(bytes)`` says
+    whether the cache, of those bytes, may be allocated; it is asked once the first blocks show its size."""
+
+    def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, autocast, fits=lambda nbytes: True):
+        device = next(teacher.parameters()).device
+        self.ids, self.head = blocks.to(device), teacher.get_output_embeddings()
+        self.roles, self.tensors = None, []
+        block_in, block_out, head_in = {}, {}, {}
+        handles = hook_blocks(teacher, block_in, block_out) + [self.head.register_forward_pre_hook(
+            lambda module, args: head_in.update(x=args[0]))]
+        try:
+            for start in range(0, len(blocks), batch_size):
+                with torch.no_grad(), autocast:
+                    out = teacher(input_ids=self.ids[start:start + batch_size], output_hidden_states=True)
+                named = {**{("in", i): t for i, t in block_in.items()}, **{("out", i): t for i, t in block_out.items()},
+                         **{("hidden", j): t for j, t in enumerate(out.hidden_states) if j}, ("head",): head_in["x"]}
+                tensors, roles = {}, {}
+                for role, t in named.items():  # one entry per distinct tensor of the forward
+                    roles[role] = tensors.setdefault((t.data_ptr(), t.shape, t.stride()), (len(tensors), t))[0]
+                if self.roles is None:
+                    self._allocate(roles, [t for _, t in tensors.values()], len(blocks), out.logits, fits)
+                elif roles != self.roles:
+                    raise RuntimeError("cache_teacher: the teacher's forward kept different tensors for other blocks")
+                for index, t in tensors.values():
+                    self.tensors[index][start:start + len(t)] = t
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _allocate(self, roles: dict, first: list[torch.Tensor], count: int, logits: torch.Tensor, fits) -> None:
+        with torch.no_grad():
+            recomputed = self.head(first[roles[("head",)]])
+        if (recomputed.float() - logits.float()).abs().max() > 1e-2 * logits.float().abs().max():
+            raise ValueError("cache_teacher: this model's logits are not its output head's output (a final "
+                             "soft-capping?), so they cannot be recomputed from the cache; train without it")
+        nbytes = sum(t[0].numel() * t.element_size() for t in first) * count
+        if not fits(nbytes):
+            raise ValueError(f"cache_teacher: the teacher's outputs for {count} blocks take {nbytes / 1e9:.1f} GB, "
+                             "more than this GPU holds beside the run; train without cache_teacher")
+        self.roles = roles
+        self.tensors = [t.new_empty((count, *t.shape[1:])) for t in first]
+
+    def outputs(self, index: torch.Tensor, hidden_states: bool, forced: TeacherForcedBlocks | None):
+        """(token ids, teacher output) of the blocks ``index`` (on the device), the output's hidden states only if
+        asked; with ``forced``, its teacher block inputs and outputs are filled in. Run under the step's autocast, as
+        the teacher's forward would be."""
+        def pick(role):
+            return self.tensors[self.roles[role]].index_select(0, index)
+
+        hidden = [pick(role) for role in sorted(r for r in self.roles if r[0] == "hidden")] if hidden_states else []
+        if forced is not None:
+            for role in self.roles:
+                if role[0] in ("in", "out"):
+                    (forced.teacher_in if role[0] == "in" else forced.teacher_out)[role[1]] = pick(role)
+        return self.ids.index_select(0, index), SimpleNamespace(logits=self.head(pick(("head",))),
+                                                                 hidden_states=[None] + hidden)
+
+
 def step_gradients(teacher, student, batches: list[torch.Tensor], cfg: TrainConfig, blockwise: bool, autocast,
                    ddp: bool = False, teacher_share: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward and backward of one optimizer step's micro-batches (``batches``: their token ids, on the device),
-    then the gradients clipped to cfg.grad_clip: [loss, kl, hidden, gradient norm] as one float32 tensor on the
-    device, not yet read. With ``blockwise`` every student block computes from the teacher's input to it (or, with
-    ``teacher_share``, from that share of it and the rest of its own predecessor's output)."""
+    """Forward and backward of one optimizer step's micro-batches (``batches``: their token ids, on the device; with a
+    TeacherCache for ``teacher``, their block indices), then the gradients clipped to cfg.grad_clip: [loss, kl,
+    hidden, gradient norm] as one float32 tensor on the device, not yet read. With ``blockwise`` every student block
+    computes from the teacher's input to it (or, with ``teacher_share``, from that share of it and the rest of its
+    own predecessor's output)."""
     hidden_states = bool(cfg.hidden_weight) and not blockwise  # block-wise: the hooks keep the blocks' outputs
+    cached = isinstance(teacher, TeacherCache)
     parts_sum = torch.zeros(3, device=batches[0].device)  # loss, kl, hidden, summed over micro-batches
-    for micro, ids in enumerate(batches):
+    for micro, batch in enumerate(batches):
         # DDP averages the gradients once per step, in the last micro-batch's backward
-        with (TeacherForcedBlocks(teacher, student, teacher_share) if blockwise else nullcontext()) as forced, \
-                student.no_sync() if ddp and micro < len(batches) - 1 else nullcontext():
+        with (TeacherForcedBlocks(None if cached else teacher, student, teacher_share) if blockwise
+              else nullcontext()) as forced, student.no_sync() if ddp and micro < len(batches) - 1 else nullcontext():
             with torch.no_grad(), autocast:
-                t_out = teacher(input_ids=ids, output_hidden_states=hidden_states)
+                ids, t_out = (teacher.outputs(batch, hidden_states, forced) if cached else
+                              (batch, teacher(input_ids=batch, output_hidden_states=hidden_states)))
             with autocast:
                 s_out = student(input_ids=ids, output_hidden_states=hidden_states)
             loss, parts = distillation_loss(*(forced.outputs(s_out, t_out) if blockwise else (s_out, t_out)), cfg)
@@ -679,6 +764,8 @@ def train(cfg: TrainConfig):
         check_resumable(cfg)
     if cfg.cuda_graphs and (env.device.type != "cuda" or env.distributed):
         raise ValueError(f"cuda_graphs needs one process on a GPU (this run: {env.world_size} on {env.device.type})")
+    if cfg.cache_teacher and env.distributed:
+        raise ValueError(f"cache_teacher needs one process (this run: {env.world_size})")
     teacher, student, tokenizer, blocks = prepare(cfg, env)
     device = env.device
     groups = param_groups(student, cfg)
@@ -689,13 +776,20 @@ def train(cfg: TrainConfig):
                               else (0, 0.0))
     steps = total_steps(cfg, len(blocks), env.world_size)
     budget = cfg.max_minutes * 60 if steps is None else None
-    out.mkdir(parents=True, exist_ok=True)
-    if env.is_main:
-        chosen = {"strategy": env.strategy} if env.distributed else {}  # what "auto" became
-        (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
     # autocast's cache of cast weights lives for one region, which a graph's replays do not re-enter
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.bf16_compute,
                               cache_enabled=not cfg.cuda_graphs)
+    chosen = {"strategy": env.strategy} if env.distributed else {}  # what "auto" became
+    if cfg.cache_teacher:  # built again on a resume, and counted in the clock again
+        built = time.perf_counter()
+        planned = planned_memory(cfg, teacher.config)["total"]
+        teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast,
+                               fits=lambda nbytes: device.type != "cuda" or _fits_gpu(planned + nbytes, env))
+        trained_seconds += time.perf_counter() - built
+        chosen["teacher_cache_gb"] = round(sum(t.numel() * t.element_size() for t in teacher.tensors) / 1e9, 3)
+    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * env.world_size * cfg.seq_len
     ddp = env.distributed and not env.sharded
     teacher_share = torch.ones((), device=device) if cfg.blockwise_anneal else None  # filled in every step
@@ -735,8 +829,9 @@ def train(cfg: TrainConfig):
             if unlogged is not None and unlogged.get("blockwise") and not blockwise:  # the phase's last step, logged
                 log.write(json.dumps(unlogged) + "\n")
                 unlogged = None
-            batches = [blocks[batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)].to(device)
+            indices = [batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)
                        for micro in range(cfg.grad_accum)]
+            batches = [(index if cfg.cache_teacher else blocks[index]).to(device) for index in indices]
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
