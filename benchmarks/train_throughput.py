@@ -20,6 +20,8 @@ student's blocks on their own:
 - ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``);
 - ``cuda-graphs+fused-adamw``: both (with the host out of the forward and backward, the eager multi-tensor update is
   the time the GPU waits between replays);
+- ``chunked-kl``, joined to another: the vocabulary KL as autograd ops a chunk of tokens at a time, as before its
+  Triton kernel (train.kl_sum's CPU path);
 - ``cache`` and ``cuda-graphs+cache``: the teacher's outputs computed once before the first step and gathered from the
   GPU by each step (``--cache-teacher``; its seconds count in "seconds to step 10", not in the tokens/s).
 
@@ -45,13 +47,15 @@ from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
 VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs",
-            "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache")
+            "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache", "cuda-graphs+chunked-kl")
 
 
 def _patch(variant: str) -> dict:
     """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
-    saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare")}
+    saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare", "triton_available")}
     parts = variant.split("+")
+    if "chunked-kl" in parts:
+        train_mod.triton_available = lambda: False  # kl_sum's only use of it
     if "fused-adamw" in parts:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda groups, **options: adamw(groups, **options, fused=True)

@@ -408,3 +408,28 @@ def test_training_layer_on_the_triton_kernels_matches_float64(monkeypatch, exper
     assert rel_err(x.grad, x64.grad) < 1e-5
     for name, t in layer.named_parameters():
         assert rel_err(t.grad, p[name].grad) < 1e-5, name
+
+
+# --- the distillation loss's KL over the vocabulary (binarymos.kernels.training.KLSum) ---
+
+@pytest.mark.parametrize("rows, vocab, spread", [(5, 3000, 4.0), (3, 1024, 30.0), (1, 7, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kl_sum_and_its_gradient_match_float64(rows, vocab, spread, dtype):
+    """KL(softmax(t) || softmax(s)) summed over rows, and d/ds = g (softmax(s) - softmax(t)), written out in float64;
+    vocabularies that are not a multiple of the kernel's step, and logits spread wide enough to overflow exp."""
+    from binarymos.kernels.training import kl_sum_triton
+
+    g = torch.Generator().manual_seed(rows)
+    s = (spread * torch.randn(2, rows, vocab, generator=g)).to(dtype).requires_grad_(True)
+    t = (spread * torch.randn(2, rows, vocab, generator=g)).to(dtype)
+    kl = kl_sum_triton(s, t)
+    (3.0 * kl).backward()
+    s64, t64 = s.detach().double(), t.double()
+    log_ps, log_pt = s64 - s64.logsumexp(-1, keepdim=True), t64 - t64.logsumexp(-1, keepdim=True)
+    expected = (log_pt.exp() * (log_pt - log_ps)).sum()
+    assert kl.dtype == torch.float32 and s.grad.dtype == dtype
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
+    # float32 rounds z - lse(z) to ~1e-7 of the logits' size, which exp turns into a relative error that large
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 4e-7 * s64.abs().max().item()
+    grad = 3.0 * (log_ps.exp() - log_pt.exp())
+    assert ((s.grad.double() - grad).abs() <= tol * grad.abs() + 1e-7).all()

@@ -631,6 +631,24 @@ def test_cache_teacher_trains_what_the_teachers_forward_trains(teacher_dir, text
     assert (tmp_path / "cached-True" / "model").is_dir()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the KL kernel runs on a GPU")
+def test_kl_sum_on_the_gpu_matches_float64():
+    """train.kl_sum on a GPU (the Triton KL) at SmolLM2's vocabulary, bf16 logits: the sum and its gradient against
+    the formulas in float64."""
+    from binarymos.train import kl_sum
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = (6 * torch.randn(2, 1024, 49152, device="cuda", generator=g)).bfloat16().requires_grad_(True)
+    t = (6 * torch.randn(2, 1024, 49152, device="cuda", generator=g)).bfloat16()
+    kl = kl_sum(s, t)
+    kl.backward()
+    s64, t64 = s.detach().double(), t.double()
+    log_ps, log_pt = s64.log_softmax(-1), t64.log_softmax(-1)
+    torch.testing.assert_close(kl.double(), (log_pt.exp() * (log_pt - log_ps)).sum(), rtol=1e-5, atol=0)
+    grad = log_ps.exp() - log_pt.exp()
+    assert ((s.grad.double() - grad).abs() <= 2 ** -8 * grad.abs() + 1e-9).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("experts, accum, cached", [(1, 1, False), (2, 1, False), (2, 2, False), (2, 2, True)])
 def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts, accum,

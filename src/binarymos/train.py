@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .convert import BinaryMoSConfig, binarize, decoder_blocks
 from .data import DEFAULT_DATA, DataError, documents, leading_bos, token_blocks
+from .kernels import triton_available
 from .models import DEFAULT_MODEL, load_model
 from .nn import BinaryMoSLinear
 from .synth import as_blocks, prompt_windows, split_data, teacher_tokens
@@ -284,12 +285,18 @@ def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Sum over tokens of KL(teacher || student), in float32, a chunk of tokens at a time.
+    """Sum over tokens of KL(teacher || student), in float32.
 
-    Each chunk is recomputed in the backward pass, so the float32 vocabulary-sized tensors exist
-    for one chunk only (a batch of 4 x 2048 tokens over a 49k vocabulary is 1.6 GB per copy). It draws no
-    random numbers, so the generators' states are not saved (reading them is not allowed in a CUDA graph).
+    On a GPU with Triton: one pass over both models' logits forward and one backward (binarymos.kernels.training's
+    KLSum). Elsewhere a chunk of tokens at a time, each chunk recomputed in the backward pass, so the float32
+    vocabulary-sized tensors exist for one chunk only (a batch of 4 x 2048 tokens over a 49k vocabulary is 1.6 GB
+    per copy). It draws no random numbers, so the generators' states are not saved (reading them is not allowed in a
+    CUDA graph).
     """
+    if student_logits.is_cuda and triton_available():
+        from .kernels.training import kl_sum_triton
+
+        return kl_sum_triton(student_logits, teacher_logits)
     s, t = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
     return sum(checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], use_reentrant=False, preserve_rng_state=False)
                for i in range(0, len(s), chunk))

@@ -12,6 +12,14 @@ Here each row pass reads its inputs once:
 All arithmetic is fp32; 16-bit results round once. Only for E > 1: with one expert (OneBit) the scales
 are vectors, autograd's broadcasts are already cheap, and these launches measured slower (docs/RESULTS.md).
 The plain-PyTorch spelling of the same formulas, and the dispatch, are in ``binarymos.kernels``.
+
+The distillation loss's KL over the vocabulary, one program per token's row:
+
+    _kl_rows_kernel           kl = sum_v p_t (z_t - z_s) - lse(z_t) + lse(z_s), in one pass over both rows
+                              (running maxima and sums), keeping each row's two log-sum-exps
+    _kl_rows_backward_kernel  d z_s = g (softmax(z_s) - softmax(z_t)), in one more pass
+
+where autograd of log_softmax, kl_div and the float32 casts makes a dozen passes over vocabulary-sized tensors.
 """
 from __future__ import annotations
 
@@ -101,3 +109,81 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
             E_P=triton.next_power_of_2(E), INTERPRET=interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
             BLOCK_D=BACKWARD_BLOCK_D)
     return grad_a, grad_gates, partial.sum(0)
+
+
+@triton.jit
+def _kl_rows_kernel(s_ptr, t_ptr, kl_ptr, lse_ptr, V, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    m_s = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per lane: running max, and sums scaled by it
+    m_t = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    d_s, d_t, acc = tl.zeros((BLOCK_V,), tl.float32), tl.zeros((BLOCK_V,), tl.float32), tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z_s = tl.load(s_ptr + row * V + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z_t = tl.load(t_ptr + row * V + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        new_s, new_t = tl.maximum(m_s, z_s), tl.maximum(m_t, z_t)
+        # lanes that have seen only padding keep -inf maxima: their sums stay 0 (exp(-inf - -inf) is NaN)
+        old_s = tl.where(new_s == float("-inf"), 0.0, tl.exp(m_s - new_s))
+        old_t = tl.where(new_t == float("-inf"), 0.0, tl.exp(m_t - new_t))
+        e_t = tl.where(mask, tl.exp(z_t - new_t), 0.0)
+        d_s = d_s * old_s + tl.where(mask, tl.exp(z_s - new_s), 0.0)
+        d_t = d_t * old_t + e_t
+        acc = acc * old_t + e_t * tl.where(mask, z_t - z_s, 0.0)
+        m_s, m_t = new_s, new_t
+    # the lanes combined: every lane's sums rescaled to the row's maxima
+    row_s, row_t = tl.max(m_s, axis=0), tl.max(m_t, axis=0)
+    scale_s = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - row_s))
+    scale_t = tl.where(m_t == float("-inf"), 0.0, tl.exp(m_t - row_t))
+    sum_s, sum_t = tl.sum(d_s * scale_s, axis=0), tl.sum(d_t * scale_t, axis=0)
+    lse_s, lse_t = row_s + tl.log(sum_s), row_t + tl.log(sum_t)
+    tl.store(kl_ptr + row, tl.sum(acc * scale_t, axis=0) / sum_t - lse_t + lse_s)
+    tl.store(lse_ptr + 2 * row, lse_s)
+    tl.store(lse_ptr + 2 * row + 1, lse_t)
+
+
+@triton.jit
+def _kl_rows_backward_kernel(s_ptr, t_ptr, lse_ptr, grad_ptr, out_ptr, V, INTERPRET: tl.constexpr,
+                             BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    lse_s, lse_t = tl.load(lse_ptr + 2 * row), tl.load(lse_ptr + 2 * row + 1)
+    g = tl.load(grad_ptr).to(tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        mask = v0 + cols < V
+        z_s = tl.load(s_ptr + row * V + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+        z_t = tl.load(t_ptr + row * V + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+        d = g * (tl.exp(z_s - lse_s) - tl.exp(z_t - lse_t))
+        tl.store(out_ptr + row * V + v0 + cols, _round(d, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+KL_BLOCK_V = 1024  # vocabulary entries per step of a row's program
+
+
+class KLSum(torch.autograd.Function):
+    """sum over rows of KL(softmax(t) || softmax(s)) for logits s, t (rows, V), in float32; the gradient flows to s
+    only, in s's dtype."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, t = s.contiguous(), t.contiguous()
+        rows, V = s.shape
+        kl = torch.empty(rows, device=s.device, dtype=torch.float32)
+        lse = torch.empty(rows, 2, device=s.device, dtype=torch.float32)
+        if rows:
+            _kl_rows_kernel[(rows,)](s, t, kl, lse, V, BLOCK_V=KL_BLOCK_V)
+        ctx.save_for_backward(s, t, lse)
+        return kl.sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s, t, lse = ctx.saved_tensors
+        out = torch.empty_like(s)
+        if len(s):
+            _kl_rows_backward_kernel[(len(s),)](s, t, lse, grad.float().contiguous(), out, s.shape[1],
+                                                INTERPRET=interpreting(), BLOCK_V=KL_BLOCK_V)
+        return out, None
+
+
+def kl_sum_triton(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    return KLSum.apply(student_logits.flatten(0, -2), teacher_logits.flatten(0, -2))
