@@ -115,27 +115,24 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
 def _kl_rows_kernel(s_ptr, t_ptr, kl_ptr, lse_ptr, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
-    m_s = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per lane: running max, and sums scaled by it
-    m_t = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    # per lane: running maxima, and the sums scaled by them; a finite floor instead of -inf, so that lanes past the
+    # row's end rescale by exp(0) = 1 (their sums stay 0) and nothing computes -inf - -inf
+    m_s, m_t = tl.full((BLOCK_V,), -1e30, tl.float32), tl.full((BLOCK_V,), -1e30, tl.float32)
     d_s, d_t, acc = tl.zeros((BLOCK_V,), tl.float32), tl.zeros((BLOCK_V,), tl.float32), tl.zeros((BLOCK_V,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
-        z_s = tl.load(s_ptr + row * V + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        z_t = tl.load(t_ptr + row * V + v0 + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z_s = tl.load(s_ptr + row * V + v0 + cols, mask=mask, other=-1e30).to(tl.float32)
+        z_t = tl.load(t_ptr + row * V + v0 + cols, mask=mask, other=-1e30).to(tl.float32)
         new_s, new_t = tl.maximum(m_s, z_s), tl.maximum(m_t, z_t)
-        # lanes that have seen only padding keep -inf maxima: their sums stay 0 (exp(-inf - -inf) is NaN)
-        old_s = tl.where(new_s == float("-inf"), 0.0, tl.exp(m_s - new_s))
-        old_t = tl.where(new_t == float("-inf"), 0.0, tl.exp(m_t - new_t))
         e_t = tl.where(mask, tl.exp(z_t - new_t), 0.0)
-        d_s = d_s * old_s + tl.where(mask, tl.exp(z_s - new_s), 0.0)
-        d_t = d_t * old_t + e_t
-        acc = acc * old_t + e_t * tl.where(mask, z_t - z_s, 0.0)
+        d_s = d_s * tl.exp(m_s - new_s) + tl.where(mask, tl.exp(z_s - new_s), 0.0)
+        d_t = d_t * tl.exp(m_t - new_t) + e_t
+        acc = acc * tl.exp(m_t - new_t) + e_t * tl.where(mask, z_t - z_s, 0.0)
         m_s, m_t = new_s, new_t
     # the lanes combined: every lane's sums rescaled to the row's maxima
     row_s, row_t = tl.max(m_s, axis=0), tl.max(m_t, axis=0)
-    scale_s = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - row_s))
-    scale_t = tl.where(m_t == float("-inf"), 0.0, tl.exp(m_t - row_t))
-    sum_s, sum_t = tl.sum(d_s * scale_s, axis=0), tl.sum(d_t * scale_t, axis=0)
+    scale_t = tl.exp(m_t - row_t)
+    sum_s, sum_t = tl.sum(d_s * tl.exp(m_s - row_s), axis=0), tl.sum(d_t * scale_t, axis=0)
     lse_s, lse_t = row_s + tl.log(sum_s), row_t + tl.log(sum_t)
     tl.store(kl_ptr + row, tl.sum(acc * scale_t, axis=0) / sum_t - lse_t + lse_s)
     tl.store(lse_ptr + 2 * row, lse_s)
