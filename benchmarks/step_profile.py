@@ -6,7 +6,7 @@
    against binarymos.plan's estimate.
 2. torch.profiler over 3 end-to-end steps (after 4 warm-up steps) of grad_accum 1: the top operators by CPU and
    by CUDA time, and the step's wall time against its summed GPU kernel time (host-bound or not);
-   --bf16-compute and --cuda-graphs as in train (with graphs the kernels' time is what is left to win).
+   --bf16-compute, --cuda-graphs and --cache-teacher as in train (with graphs the kernels' time is what is left to win).
 3. The same for 16 decoding steps of teacher sampling (binarymos.synth.sample's loop; --no-sampling skips it).
 Writes OUT/profile.md.
 """
@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=True, help="part 3")
     ap.add_argument("--bf16-compute", action="store_true", help="part 2: train's --bf16-compute")
     ap.add_argument("--cuda-graphs", action="store_true", help="part 2: train's --cuda-graphs")
+    ap.add_argument("--cache-teacher", action="store_true", help="part 2: train's --cache-teacher")
     args = ap.parse_args()
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from binarymos import train as train_mod
@@ -69,12 +71,15 @@ def main() -> None:
     with prof:
         # 7 steps: the block-wise ones (0-1) and the end-to-end graph's capture (step 2) in the warm-up
         train_run(args.model, out / "profiled", args.batch, 1, 7, bf16_compute=args.bf16_compute,
-                  cuda_graphs=args.cuda_graphs)
+                  cuda_graphs=args.cuda_graphs, cache_teacher=args.cache_teacher)
     torch.optim.AdamW.step = real_step
-    gpu_us = sum(e.self_device_time_total for e in prof.key_averages() if not e.key.startswith("ProfilerStep")) / 3
+    # the kernels' own time: an operator's self device time is its kernels' again, and annotations span idle time
+    gpu_us = sum(e.self_device_time_total for e in prof.key_averages()
+                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 3
     wall = (stamps[-1] - stamps[-4]) / 3
     setting = "".join(f", {name}" for name, on in (("--bf16-compute", args.bf16_compute),
-                                                   ("--cuda-graphs", args.cuda_graphs)) if on)
+                                                   ("--cuda-graphs", args.cuda_graphs),
+                                                   ("--cache-teacher", args.cache_teacher)) if on)
     lines += ["", f"## Training step, batch {args.batch}{setting}: wall {wall * 1e3:.0f} ms per step, GPU kernels "
               f"{gpu_us / 1e3:.0f} ms per step", "", "```",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), "```", "", "```",

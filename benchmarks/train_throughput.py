@@ -20,6 +20,8 @@ student's blocks on their own:
 - ``cuda-graphs``: nothing compiled, each step's forward and backward replayed as a CUDA graph (``--cuda-graphs``);
 - ``cuda-graphs+fused-adamw``: both (with the host out of the forward and backward, the eager multi-tensor update is
   the time the GPU waits between replays);
+- ``eager-update``, joined to ``cuda-graphs``: AdamW's update run eagerly between replays, as before
+  ``GraphedStep.update`` captured it;
 - ``chunked-kl``, joined to another: the vocabulary KL as autograd ops a chunk of tokens at a time, as before its
   Triton kernel (train.kl_sum's CPU path);
 - ``cache`` and ``cuda-graphs+cache``: the teacher's outputs computed once before the first step and gathered from the
@@ -46,25 +48,31 @@ from binarymos import train as train_mod
 from binarymos.nn import BinaryMoSLinear
 from binarymos.train import TrainConfig, train
 
-VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs",
-            "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache", "cuda-graphs+chunked-kl")
+# a variant is one of these or several joined by + (cuda-graphs+cache+fused-adamw); eager alone is nothing changed
+PARTS = ("eager", "loss", "teacher", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs", "eager-update",
+         "chunked-kl", "cache")
+DEFAULT_VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw",
+                    "cuda-graphs", "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache", "cuda-graphs+chunked-kl",
+                    "cuda-graphs+cache+eager-update")
 
 
 def _patch(variant: str) -> dict:
     """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare", "triton_available")}
     parts = variant.split("+")
+    if "eager-update" in parts:
+        train_mod.GraphedStep.update = lambda step: step.optimizer.step()
     if "chunked-kl" in parts:
         train_mod.triton_available = lambda: False  # kl_sum's only use of it
     if "fused-adamw" in parts:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda groups, **options: adamw(groups, **options, fused=True)
-    if variant == "formula":
+    if "formula" in parts:
         BinaryMoSLinear.forward = BinaryMoSLinear.formula_forward
     if "loss" in parts:
         train_mod._kl_sum, train_mod.hidden_pair = torch.compile(saved["_kl_sum"]), torch.compile(saved["hidden_pair"])
     if "teacher" in parts or "teacher-graphs" in parts:
-        mode = "reduce-overhead" if variant == "teacher-graphs" else None
+        mode = "reduce-overhead" if "teacher-graphs" in parts else None
 
         def prepare(cfg, env=None):
             teacher, student, tokenizer, blocks = saved["prepare"](cfg, env)
@@ -76,7 +84,7 @@ def _patch(variant: str) -> dict:
 
 
 def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: int, bf16: bool) -> dict:
-    fused_forward, adamw = BinaryMoSLinear.forward, torch.optim.AdamW
+    fused_forward, adamw, update = BinaryMoSLinear.forward, torch.optim.AdamW, train_mod.GraphedStep.update
     saved = _patch(variant)
     torch._dynamo.reset()
     try:
@@ -89,7 +97,7 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             wall = time.perf_counter() - started
             log = train_mod.read_log(out)
     finally:
-        BinaryMoSLinear.forward, torch.optim.AdamW = fused_forward, adamw
+        BinaryMoSLinear.forward, torch.optim.AdamW, train_mod.GraphedStep.update = fused_forward, adamw, update
         for name, value in saved.items():
             setattr(train_mod, name, value)
     a, b = log[skip - 1], log[-1]
@@ -102,7 +110,8 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated; each one of {', '.join(PARTS)} or several joined by +")
     p.add_argument("--experts", default="4", help="comma-separated; every variant runs at each")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--float32-residual", action="store_true", help="without --bf16-compute")
@@ -120,8 +129,10 @@ def main() -> None:
     for experts in (int(e) for e in args.experts.split(",")):
         eager = None
         for variant in args.variants.split(","):
-            if variant not in VARIANTS:
-                raise SystemExit(f"unknown variant {variant!r}: use {', '.join(VARIANTS)}")
+            unknown = set(variant.split("+")) - set(PARTS)
+            if unknown:
+                raise SystemExit(f"unknown part {', '.join(sorted(unknown))} in variant {variant!r}: use "
+                                 f"{', '.join(PARTS)}, joined by +")
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             r = run(args.model, args.steps, args.skip, variant, experts, args.batch_size, not args.float32_residual)

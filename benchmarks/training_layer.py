@@ -7,6 +7,13 @@ For SmolLM2-135M's four layer shapes at batch 8 x 2048 tokens, E in {4, 2} (E = 
 formula), bf16 activations (as under --bf16-compute): the relative error of the output and of every
 gradient against a float64 computation of the formula (the sign's gradient passed straight through
 where |w| <= 1), for both spellings, and the median time of one forward + backward (CUDA events, 20 repeats after 5 warm-ups).
+
+    python benchmarks/training_layer.py --sweep-backward 16,32,64,128 --out $OUT/backward_sweep.md
+
+times the row-scaling backward kernel alone (binarymos.kernels.training's _scale_rows_backward_kernel, each
+program walking whole rows) at each rows-per-program setting, for every width the layer shapes scale (E=4), with
+its largest relative difference from the plain-PyTorch formulas: session 14's profile found it at 56 us a call
+against 18 us for the forward, with 256 programs for 16,384 rows at the default 64.
 """
 from __future__ import annotations
 
@@ -91,13 +98,57 @@ def profile(layer, forward, x, upstream, name: str) -> str:
     return f"### {name}\n\n```\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}\n```\n"
 
 
+def sweep_backward(tokens: int, rows_per_program: list[int], experts: int = 4) -> list[str]:
+    from binarymos.kernels import scale_rows_backward_reference
+    from binarymos.kernels import training
+
+    lines = [f"{torch.cuda.get_device_name()}, {tokens} rows, E={experts}, bf16; median us of one backward kernel "
+             "call (CUDA events, 50 repeats after 10 warm-ups)", "",
+             "| width | rows per program | programs | us | largest relative difference |", "|---:|---:|---:|---:|---:|"]
+    default = training.BACKWARD_BLOCK_M
+    for width in sorted({d for shape in SHAPES for d in shape}):
+        torch.manual_seed(0)
+        grad, saved = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        gates = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1)
+        scales = torch.rand(experts, width, device="cuda") + 0.5
+        reference = scale_rows_backward_reference(grad, saved, gates, scales)
+        for rows in rows_per_program:
+            training.BACKWARD_BLOCK_M = rows
+            try:
+                got = training.scale_rows_backward_triton(grad, saved, gates, scales)
+                worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
+                            for g, r in zip(got, reference))
+                times = []
+                for i in range(60):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    training.scale_rows_backward_triton(grad, saved, gates, scales)
+                    end.record()
+                    torch.cuda.synchronize()
+                    if i >= 10:
+                        times.append(start.elapsed_time(end) * 1e3)
+            finally:
+                training.BACKWARD_BLOCK_M = default
+            lines.append(f"| {width} | {rows} | {-(-tokens // rows)} | {sorted(times)[len(times) // 2]:.1f} | "
+                         f"{worst:.1e} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8 * 2048)
     p.add_argument("--experts", default="4,2")
     p.add_argument("--profile", default=None, help="IN:OUT: print torch.profiler's tables for this shape and exit")
+    p.add_argument("--sweep-backward", default=None, help="comma-separated rows per program: time the backward row "
+                                                               "kernel alone at each (see above) and exit")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.sweep_backward:
+        lines = sweep_backward(args.tokens, [int(v) for v in args.sweep_backward.split(",")])
+        if args.out:
+            Path(args.out).write_text("\n".join(lines) + "\n")
+        return
     if args.profile:
         in_f, out_f = (int(v) for v in args.profile.split(":"))
         for experts in (int(e) for e in args.experts.split(",")):

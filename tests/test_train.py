@@ -556,6 +556,21 @@ def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(
         student.zero_grad(set_to_none=True)
 
 
+def test_checkpoints_hold_the_optimizer_state_an_eager_adamw_loads(tmp_path):
+    """A captured update keeps each group's learning rate as a GPU tensor, capturable, and its step counts on the GPU;
+    a checkpoint holds plain floats, non-capturable groups and host step counts, whatever the run's device."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([{"params": [weight], "lr": 0.1, "base_lr": 0.1}])
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    optimizer.param_groups[0].update(lr=torch.tensor(0.5), capturable=True)  # as GraphedStep.update leaves them
+    state = train_mod.portable_optimizer_state(optimizer)
+    assert state["param_groups"][0]["lr"] == 0.5 and isinstance(state["param_groups"][0]["lr"], float)
+    assert state["param_groups"][0]["capturable"] is False and state["state"][0]["step"].device.type == "cpu"
+    assert optimizer.param_groups[0]["capturable"] is True  # the live optimizer is left as it is
+    torch.testing.assert_close(state["state"][0]["exp_avg"], 0.1 * torch.ones(3))  # (1 - beta1) x the gradient
+
+
 def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_compute(arch, text_file, tmp_path):
     """Every architecture, both phases and the annealed one: a step whose teacher outputs come from the cache (token ids
     and all gathered by block index) has the loss terms, norm and gradients of the step that runs the teacher on
@@ -685,6 +700,51 @@ def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text
         for name, p in student.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_update_replays_what_adamw_computes(teacher_dir, text_file, tmp_path):
+    """GraphedStep.update against torch's eager AdamW on a copy of the student, in float32: the weights and the
+    optimizer's moments after every step, for a learning rate that changes every step, after one eager step of a
+    non-capturable optimizer (a resumed run's state) and across a phase change (its new gradients)."""
+    import copy
+
+    from binarymos.train import GraphedStep, param_groups, prepare, set_lr, step_gradients
+
+    config = cfg(teacher_dir, text_file, tmp_path / "run", device="cuda", weight_decay=0.1)
+    teacher, student, _, blocks = prepare(config)
+    teacher.float()
+    reference = copy.deepcopy(student)
+    off = torch.autocast("cuda", enabled=False)
+    optimizers = [torch.optim.AdamW(param_groups(model, config), betas=(0.9, 0.95)) for model in (student, reference)]
+    for model, optimizer in zip((student, reference), optimizers):  # one eager step each: state on the host
+        step_gradients(teacher, model, [blocks[:2].cuda()], config, True, off)
+        optimizer.step()
+    graphed = GraphedStep(lambda batches, blockwise: step_gradients(teacher, student, batches, config, blockwise, off),
+                          optimizers[0])
+    for i, blockwise in enumerate((True, True, False, False)):
+        batches = [blocks[[2 * i + 2, 2 * i + 3]].cuda()]
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                set_lr(group, group["base_lr"] * (1 - 0.2 * i))
+        graphed(batches, blockwise)
+        graphed.update()
+        optimizers[1].zero_grad(set_to_none=True)
+        step_gradients(teacher, reference, batches, config, blockwise, off)
+        optimizers[1].step()
+        for (name, p), q in zip(student.named_parameters(), reference.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} at step {i}: {m}")
+                for key in ("exp_avg", "exp_avg_sq"):  # the gradients' rounding, as in the step test: rtol 1e-4
+                    torch.testing.assert_close(optimizers[0].state[p][key], optimizers[1].state[q][key],
+                                               rtol=1e-3, atol=1e-10)
+                assert float(optimizers[0].state[p]["step"]) == float(optimizers[1].state[q]["step"]) == i + 2
+    train_mod.save_checkpoint(tmp_path, student, optimizers[0], 5, config)  # an eager resume steps from it
+    eager = torch.optim.AdamW(param_groups(student, config), betas=(0.9, 0.95))
+    eager.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"])
+    step_gradients(teacher, student, [blocks[:2].cuda()], config, False, off)
+    eager.step()
+    assert float(eager.state[next(iter(eager.state))]["step"]) == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
