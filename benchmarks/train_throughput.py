@@ -8,7 +8,8 @@ while compiling each decoder block gained 10 % (docs/RESULTS.md). This probe tim
 student's blocks on their own:
 
 - ``eager``: nothing compiled;
-- ``loss``: the chunked vocabulary KL (train._kl_sum) and the per-layer hidden-state term (train.hidden_pair);
+- ``loss``: the chunked vocabulary KL (train._kl_sum, as ``chunked-kl``) and the per-layer hidden-state term
+  (train.hidden_pair), compiled;
 - ``teacher``: the frozen teacher's forward (no backward, one static shape);
 - ``teacher+loss``: both;
 - ``teacher-graphs``: the teacher compiled with CUDA graphs (mode "reduce-overhead");
@@ -62,7 +63,7 @@ def _patch(variant: str) -> dict:
     parts = variant.split("+")
     if "eager-update" in parts:
         train_mod.GraphedStep.update = lambda step: step.optimizer.step()
-    if "chunked-kl" in parts:
+    if "chunked-kl" in parts or "loss" in parts:
         train_mod.triton_available = lambda: False  # kl_sum's only use of it
     if "fused-adamw" in parts:
         adamw = torch.optim.AdamW

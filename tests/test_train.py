@@ -605,8 +605,9 @@ def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_comput
 
 
 def test_teacher_cache_is_refused_where_it_cannot_stand_in_for_the_teacher(tmp_path):
-    """Logits the head does not give alone (Gemma-2's final soft-capping) and a cache bigger than the GPU's room end
-    with one line each, before anything is allocated for the cache."""
+    """Logits the head does not give alone (Gemma-2's final soft-capping, named in its config, or a scaling found by
+    recomputing them) and a cache bigger than the GPU's room end with one line each, before anything is allocated
+    for the cache."""
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM
 
@@ -626,6 +627,10 @@ def test_teacher_cache_is_refused_where_it_cannot_stand_in_for_the_teacher(tmp_p
     # 4 blocks x 12 tokens x 32 wide, float32: the embeddings, 2 block outputs and the final norm's
     assert seen == [4 * 12 * 32 * 4 * 4]
     assert [(len(block._forward_hooks), len(block._forward_pre_hooks)) for block in llama.model.layers] == hooks
+    scaled = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()  # a scaling no config field names
+    scaled.register_forward_hook(lambda module, args, out: setattr(out, "logits", out.logits * 1.01) or out)
+    with pytest.raises(ValueError, match="logits are not its output head's output"):
+        TeacherCache(scaled, blocks, 2, off)
     with pytest.raises(ValueError, match="cache_teacher runs the teacher once"):
         TrainConfig(cache_teacher=True, compile="teacher", blockwise=0)
 
@@ -703,10 +708,12 @@ def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_update_replays_what_adamw_computes(teacher_dir, text_file, tmp_path):
+@pytest.mark.parametrize("resumed", [False, True])
+def test_cuda_graphs_update_replays_what_adamw_computes(teacher_dir, text_file, tmp_path, resumed):
     """GraphedStep.update against torch's eager AdamW on a copy of the student, in float32: the weights and the
-    optimizer's moments after every step, for a learning rate that changes every step, after one eager step of a
-    non-capturable optimizer (a resumed run's state) and across a phase change (its new gradients)."""
+    optimizer's moments after every step, for a learning rate that changes every step, from a fresh state or after
+    one eager step of a non-capturable optimizer (a resumed run's state), and across a phase change (its new
+    gradients)."""
     import copy
 
     from binarymos.train import GraphedStep, param_groups, prepare, set_lr, step_gradients
@@ -717,7 +724,7 @@ def test_cuda_graphs_update_replays_what_adamw_computes(teacher_dir, text_file, 
     reference = copy.deepcopy(student)
     off = torch.autocast("cuda", enabled=False)
     optimizers = [torch.optim.AdamW(param_groups(model, config), betas=(0.9, 0.95)) for model in (student, reference)]
-    for model, optimizer in zip((student, reference), optimizers):  # one eager step each: state on the host
+    for model, optimizer in zip((student, reference), optimizers if resumed else ()):  # state on the host
         step_gradients(teacher, model, [blocks[:2].cuda()], config, True, off)
         optimizer.step()
     graphed = GraphedStep(lambda batches, blockwise: step_gradients(teacher, student, batches, config, blockwise, off),
@@ -738,13 +745,13 @@ def test_cuda_graphs_update_replays_what_adamw_computes(teacher_dir, text_file, 
                 for key in ("exp_avg", "exp_avg_sq"):  # the gradients' rounding, as in the step test: rtol 1e-4
                     torch.testing.assert_close(optimizers[0].state[p][key], optimizers[1].state[q][key],
                                                rtol=1e-3, atol=1e-10)
-                assert float(optimizers[0].state[p]["step"]) == float(optimizers[1].state[q]["step"]) == i + 2
+                assert float(optimizers[0].state[p]["step"]) == float(optimizers[1].state[q]["step"]) == i + 1 + resumed
     train_mod.save_checkpoint(tmp_path, student, optimizers[0], 5, config)  # an eager resume steps from it
     eager = torch.optim.AdamW(param_groups(student, config), betas=(0.9, 0.95))
     eager.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"])
     step_gradients(teacher, student, [blocks[:2].cuda()], config, False, off)
     eager.step()
-    assert float(eager.state[next(iter(eager.state))]["step"]) == 6
+    assert float(eager.state[next(iter(eager.state))]["step"]) == 5 + resumed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -404,7 +404,8 @@ class TeacherCache:
     to end) and the output head's input, from which a step recomputes the logits with the head (one product; the
     logits themselves would be vocabulary-sized: 61 GB as bf16 for SmolLM2's 303 blocks of 2048 tokens, against 23
     GB for these). Tensors that are one and the same in the forward (a block's output and the next block's input)
-    are kept once. Exact, since the training data is whole blocks and the teacher is frozen in eval mode; a step's
+    are kept once. Exact, since the training data is whole blocks and the teacher is frozen in eval mode (up to the
+    rounding of products that cuBLAS computes another way for the build's short last batch); a step's
     batch is then its block indices on the device, gathered inside a CUDA graph as well. ``fits(bytes)`` says
     whether the cache, of those bytes, may be allocated; it is asked once the first blocks show its size."""
 
@@ -425,7 +426,8 @@ class TeacherCache:
                 for role, t in named.items():  # one entry per distinct tensor of the forward
                     roles[role] = tensors.setdefault((t.data_ptr(), t.shape, t.stride()), (len(tensors), t))[0]
                 if self.roles is None:
-                    self._allocate(roles, [t for _, t in tensors.values()], len(blocks), out.logits, fits)
+                    self._allocate(roles, [t for _, t in tensors.values()], len(blocks), out.logits,
+                                   teacher.config.get_text_config(), autocast, fits)
                 elif roles != self.roles:
                     raise RuntimeError("cache_teacher: the teacher's forward kept different tensors for other blocks")
                 for index, t in tensors.values():
@@ -434,12 +436,15 @@ class TeacherCache:
             for handle in handles:
                 handle.remove()
 
-    def _allocate(self, roles: dict, first: list[torch.Tensor], count: int, logits: torch.Tensor, fits) -> None:
-        with torch.no_grad():
-            recomputed = self.head(first[roles[("head",)]])
-        if (recomputed.float() - logits.float()).abs().max() > 1e-2 * logits.float().abs().max():
+    def _allocate(self, roles: dict, first: list[torch.Tensor], count: int, logits: torch.Tensor, config,
+                  autocast, fits) -> None:
+        with torch.no_grad(), autocast:  # the first sequence's logits again, from the head alone
+            recomputed = self.head(first[roles[("head",)]][:1]).float()
+        capped = bool(getattr(config, "final_logit_softcapping", None)) or \
+            any(getattr(config, key, None) not in (None, 1) for key in ("logit_scale", "logits_scaling"))
+        if capped or (recomputed - logits[:1].float()).abs().max() > 1e-3 * logits[:1].float().abs().max():
             raise ValueError("cache_teacher: this model's logits are not its output head's output (a final "
-                             "soft-capping?), so they cannot be recomputed from the cache; train without it")
+                             "soft-capping or scaling), so they cannot be recomputed from the cache; train without it")
         nbytes = sum(t[0].numel() * t.element_size() for t in first) * count
         if not fits(nbytes):
             raise ValueError(f"cache_teacher: the teacher's outputs for {count} blocks take {nbytes / 1e9:.1f} GB, "
@@ -509,8 +514,8 @@ class GraphedStep:
     norm, so a NaN still stops the run before the update. Eager, AdamW walks its parameters in Python every step
     (SmolLM2's ~2,500: 33.5 ms of host time a step against 1.5 ms on the GPU, docs/RESULTS.md), and the GPU waits for
     that between replays. The update is captured with the optimizer made capturable (its step counts on the GPU, each
-    group's learning rate a GPU tensor that ``set_lr`` fills), and again after each phase's capture, whose gradients
-    are new tensors.
+    group's learning rate a GPU tensor that ``set_lr`` fills, its lazily made state made before the capture), and
+    again after each phase's capture, whose gradients are new tensors.
     """
 
     def __init__(self, compute, optimizer, warmup: int = 3):
@@ -538,24 +543,17 @@ class GraphedStep:
         for state in self.optimizer.state.values():  # a non-capturable run's, resumed: its step counts on the host
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].to(device=device, dtype=torch.float32)
-        # AdamW makes its state at its first step, which the capture must find: one eager step on a side stream,
-        # then the parameters and the state as they were, in place (a fresh state is zeros)
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        with torch.no_grad():
-            before = [(p, p.clone(), {k: v.clone() for k, v in self.optimizer.state.get(p, {}).items()})
-                      for p in params]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.optimizer.step()
-            torch.cuda.current_stream().wait_stream(side)
-            for p, value, state in before:
-                p.copy_(value)
-                for key, tensor in self.optimizer.state[p].items():
-                    if key in state:
-                        tensor.copy_(state[key])
-                    else:
-                        tensor.zero_()
+        # AdamW makes its state lazily at its first step, which the capture must find: made here as AdamW would
+        # make it (zeros; the step count a float32 on the device)
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not self.optimizer.state[p]:
+                    self.optimizer.state[p].update(
+                        step=torch.zeros((), dtype=torch.float32, device=p.device),
+                        exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                        **({"max_exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                           if group["amsgrad"] else {}))
         self.update_graph = torch.cuda.CUDAGraph()
         # the step's graph and this one replay one after the other: one memory pool serves both
         with torch.cuda.graph(self.update_graph, pool=self.graph.pool()):
@@ -752,7 +750,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
-    if cfg.compile != "none":  # in place, so parameter names (checkpoints, save_pretrained) stay as they are
+    if cfg.compile != "none" and not cfg.cache_teacher:  # in place: parameter names (checkpoints, save) stay as they are
         # the teacher runs one static shape without autograd: CUDA graphs take its ~1,000 launches a step off the host
         graphs = device.type == "cuda" and not env.distributed
         teacher.compile(mode="reduce-overhead" if graphs else None)
@@ -849,7 +847,9 @@ def train(cfg: TrainConfig):
     chosen = {"strategy": env.strategy} if env.distributed else {}  # what "auto" became
     if cfg.cache_teacher:  # built again on a resume, and counted in the clock again
         built = time.perf_counter()
-        planned = planned_memory(cfg, teacher.config)["total"]
+        planned = planned_memory(cfg, teacher.config)[
+            "total_checkpointed" if any(getattr(m, "gradient_checkpointing", False) for m in student.modules())
+            else "total"]
         teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast,
                                fits=lambda nbytes: device.type != "cuda" or _fits_gpu(planned + nbytes, env))
         trained_seconds += time.perf_counter() - built

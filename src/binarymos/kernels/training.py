@@ -163,6 +163,8 @@ class KLSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if s.shape != t.shape:
+            raise ValueError(f"KL of logits of different shapes: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
         s, t = s.contiguous(), t.contiguous()
         rows, V = s.shape
         kl = torch.empty(rows, device=s.device, dtype=torch.float32)
