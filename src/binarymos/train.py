@@ -448,7 +448,7 @@ class TeacherCache:
         nbytes = sum(t[0].numel() * t.element_size() for t in first) * count
         if not fits(nbytes):
             raise ValueError(f"cache_teacher: the teacher's outputs for {count} blocks take {nbytes / 1e9:.1f} GB, "
-                             "more than this GPU holds beside the run; train without cache_teacher")
+                             "more than the device holds beside the run; train without cache_teacher")
         self.roles = roles
         self.tensors = [t.new_empty((count, *t.shape[1:])) for t in first]
 
@@ -768,6 +768,14 @@ def planned_memory(cfg: TrainConfig, config, gpus: int = 1, strategy: str = "fsd
                     fused_layer=cfg.compile != "all")
 
 
+def available_memory() -> int:
+    """Bytes of host memory free now (Linux's available pages; elsewhere unbounded)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def _fits_gpu(need: int, env: distributed.Env) -> bool:
     """Whether ``need`` bytes (a planner estimate) stay within 75 % of this rank's GPU: more margin than the
     planner's 90 %, for what max_memory_allocated does not see (CUDA context, NCCL buffers, the caching
@@ -850,8 +858,8 @@ def train(cfg: TrainConfig):
         planned = planned_memory(cfg, teacher.config)[
             "total_checkpointed" if any(getattr(m, "gradient_checkpointing", False) for m in student.modules())
             else "total"]
-        teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast,
-                               fits=lambda nbytes: device.type != "cuda" or _fits_gpu(planned + nbytes, env))
+        teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast, fits=lambda nbytes: _fits_gpu(
+            planned + nbytes, env) if device.type == "cuda" else nbytes <= 0.5 * available_memory())
         trained_seconds += time.perf_counter() - built
         chosen["teacher_cache_gb"] = round(sum(t.numel() * t.element_size() for t in teacher.tensors) / 1e9, 3)
     out.mkdir(parents=True, exist_ok=True)
