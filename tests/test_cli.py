@@ -99,6 +99,20 @@ def test_a_run_started_with_cuda_graphs_resumes_without_them(teacher_dir, text_f
     assert run(capsys, "train", "--out", str(tmp_path / "run"), "--resume", "--no-cuda-graphs")[0] == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
 
+def test_train_cache_teacher_builds_the_cache_and_a_resume_may_leave_it_out(teacher_dir, text_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--cache-teacher reaches the run (its cache's size in the run's settings), and a resume without it continues."""
+    options = ["--model", str(teacher_dir), "--data", str(text_file), "-E", "2", "--seq-len", "32", "--batch-size", "2",
+               "--max-steps", "4", "--save-every", "2", "--device", "cpu", "--out", str(tmp_path / "run")]
+    killed_after_first_checkpoint(monkeypatch)
+    assert run(capsys, "train", *options, "--cache-teacher")[0] == 130
+    monkeypatch.undo()
+    settings = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert settings["cache_teacher"] is True and settings["teacher_cache_gb"] > 0
+    assert run(capsys, "train", "--out", str(tmp_path / "run"), "--resume", "--no-cache-teacher")[0] == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["cache_teacher"] is False
+
+
 def test_train_options_given_tells_a_default_given_on_purpose_from_one_left_out():
     from binarymos.cli import _train_options_given
 
