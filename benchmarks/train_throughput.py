@@ -57,10 +57,9 @@ DEFAULT_VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs"
                     "cuda-graphs+cache+eager-update")
 
 
-def _patch(variant: str) -> dict:
-    """Monkeypatch train's loss pieces, prepare() and AdamW for ``variant``; returns what to restore."""
+def _patch(parts: list[str]) -> dict:
+    """Monkeypatch train's loss pieces, prepare() and AdamW for a variant's ``parts``; returns what to restore."""
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare", "triton_available")}
-    parts = variant.split("+")
     if "eager-update" in parts:
         train_mod.GraphedStep.update = lambda step: step.optimizer.step()
     if "chunked-kl" in parts or "loss" in parts:
@@ -86,15 +85,15 @@ def _patch(variant: str) -> dict:
 
 def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: int, bf16: bool) -> dict:
     fused_forward, adamw, update = BinaryMoSLinear.forward, torch.optim.AdamW, train_mod.GraphedStep.update
-    saved = _patch(variant)
+    parts = variant.split("+")
+    saved = _patch(parts)
     torch._dynamo.reset()
     try:
         with tempfile.TemporaryDirectory() as out:
             started = time.perf_counter()
             train(TrainConfig(model=model, data="c4_wiki", out=out, num_experts=experts, batch_size=batch,
                               grad_checkpointing=False, bf16_compute=bf16, max_steps=steps, log_every=1,
-                              save_every=10**6, cuda_graphs="cuda-graphs" in variant.split("+"),
-                              cache_teacher="cache" in variant.split("+")))
+                              save_every=10**6, cuda_graphs="cuda-graphs" in parts, cache_teacher="cache" in parts))
             wall = time.perf_counter() - started
             log = train_mod.read_log(out)
     finally:

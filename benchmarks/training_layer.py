@@ -68,13 +68,13 @@ def measured(layer: BinaryMoSLinear, forward, x: torch.Tensor, upstream: torch.T
     return {"y": y.detach(), "x": x.grad, **{n: t.grad for n, t in layer.named_parameters() if t.grad is not None}}
 
 
-def median_ms(layer, forward, x, upstream, warmup: int = 5, repeats: int = 20) -> float:
-    x = x.detach().requires_grad_(True)
+def median_ms(run, warmup: int = 5, repeats: int = 20) -> float:
+    """The median of ``run()``'s GPU time in ms (CUDA events), after ``warmup`` calls."""
     times = []
     for i in range(warmup + repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        (forward(x) * upstream).sum().backward()
+        run()
         end.record()
         torch.cuda.synchronize()
         if i >= warmup:
@@ -118,19 +118,11 @@ def sweep_backward(tokens: int, rows_per_program: list[int], experts: int = 4) -
                 got = training.scale_rows_backward_triton(grad, saved, gates, scales)
                 worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                             for g, r in zip(got, reference))
-                times = []
-                for i in range(60):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    training.scale_rows_backward_triton(grad, saved, gates, scales)
-                    end.record()
-                    torch.cuda.synchronize()
-                    if i >= 10:
-                        times.append(start.elapsed_time(end) * 1e3)
+                us = 1e3 * median_ms(lambda: training.scale_rows_backward_triton(grad, saved, gates, scales),
+                                     warmup=10, repeats=50)
             finally:
                 training.BACKWARD_BLOCK_M = default
-            lines.append(f"| {width} | {rows} | {-(-tokens // rows)} | {sorted(times)[len(times) // 2]:.1f} | "
-                         f"{worst:.1e} |")
+            lines.append(f"| {width} | {rows} | {-(-tokens // rows)} | {us:.1f} | {worst:.1e} |")
             print(lines[-1], flush=True)
     return lines
 
@@ -173,7 +165,8 @@ def main() -> None:
             for name, forward in spellings.items():
                 got = measured(layer, forward, x, upstream)
                 worst[name] = max(((got[k].double() - r).norm() / r.norm()).item() for k, r in ref.items())
-                ms[name] = median_ms(layer, forward, x, upstream)
+                x_grad = x.detach().requires_grad_(True)
+                ms[name] = median_ms(lambda: (forward(x_grad) * upstream).sum().backward())
             lines.append(f"| {in_f} -> {out_f} | {experts} | {worst['fused']:.2e} | {worst['formula']:.2e} | "
                          f"{ms['fused']:.3f} | {ms['formula']:.3f} | {ms['formula'] / ms['fused']:.2f}x |")
             print(lines[-1], flush=True)

@@ -534,19 +534,26 @@ def test_host_reads_sees_what_a_cuda_graph_cannot_hold():
     assert reads.seen == ["aten::_local_scalar_dense"]
 
 
+def prepared_tiny(arch, text_file, tmp_path):
+    """(the run's config, train.prepare's result) for a tiny model of ``arch`` saved under tmp_path."""
+    from pack_helpers import tiny_lm, tiny_tokenizer
+
+    from binarymos.train import prepare
+
+    tiny_lm(arch).save_pretrained(tmp_path / arch)
+    tiny_tokenizer().save_pretrained(tmp_path / arch)
+    config = cfg(tmp_path / arch, text_file, tmp_path / "run")
+    return config, prepare(config)
+
+
 def test_cuda_graphs_step_reads_no_tensor_value_on_the_host_in_any_architecture(arch, text_file, tmp_path,
                                                                                  monkeypatch):
     """What a CUDA graph needs, checked on the CPU for every architecture: the training step (both models' forward,
     the loss, the backward, the clipping) reads no tensor's value on the host, in either phase, as a capture runs
     it (transformers skips its checks of a mask's values while a stream captures)."""
-    from pack_helpers import tiny_lm, tiny_tokenizer
+    from binarymos.train import step_gradients
 
-    from binarymos.train import prepare, step_gradients
-
-    tiny_lm(arch).save_pretrained(tmp_path / arch)
-    tiny_tokenizer().save_pretrained(tmp_path / arch)
-    config = cfg(tmp_path / arch, text_file, tmp_path / "run")
-    teacher, student, _, blocks = prepare(config)
+    config, (teacher, student, _, blocks) = prepared_tiny(arch, text_file, tmp_path)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     for blockwise in (True, False):
         with HostReads() as reads:
@@ -577,14 +584,9 @@ def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_comput
     those blocks' ids; each distinct tensor of the teacher's forward is kept once."""
     import copy
 
-    from pack_helpers import tiny_lm, tiny_tokenizer
+    from binarymos.train import TeacherCache, step_gradients
 
-    from binarymos.train import TeacherCache, prepare, step_gradients
-
-    tiny_lm(arch).save_pretrained(tmp_path / arch)
-    tiny_tokenizer().save_pretrained(tmp_path / arch)
-    config = cfg(tmp_path / arch, text_file, tmp_path / "run")
-    teacher, student, _, blocks = prepare(config)
+    config, (teacher, student, _, blocks) = prepared_tiny(arch, text_file, tmp_path)
     off = torch.autocast("cpu", enabled=False)
     cache = TeacherCache(teacher, blocks, 3, off)  # batches of 3: the last of them short
     assert torch.equal(cache.ids, blocks) and all(len(t) == len(blocks) for t in cache.tensors)

@@ -412,7 +412,7 @@ class TeacherCache:
     def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, autocast, fits=lambda nbytes: True):
         device = next(teacher.parameters()).device
         self.ids, self.head = blocks.to(device), teacher.get_output_embeddings()
-        self.roles, self.tensors = None, []
+        self.roles, self.tensors, self.nbytes = None, [], 0
         block_in, block_out, head_in = {}, {}, {}
         handles = hook_blocks(teacher, block_in, block_out) + [self.head.register_forward_pre_hook(
             lambda module, args: head_in.update(x=args[0]))]
@@ -449,7 +449,7 @@ class TeacherCache:
         if not fits(nbytes):
             raise ValueError(f"cache_teacher: the teacher's outputs for {count} blocks take {nbytes / 1e9:.1f} GB, "
                              "more than the device holds beside the run; train without cache_teacher")
-        self.roles = roles
+        self.roles, self.nbytes = roles, nbytes
         self.tensors = [t.new_empty((count, *t.shape[1:])) for t in first]
 
     def outputs(self, index: torch.Tensor, hidden_states: bool, forced: TeacherForcedBlocks | None):
@@ -861,7 +861,7 @@ def train(cfg: TrainConfig):
         teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast, fits=lambda nbytes: _fits_gpu(
             planned + nbytes, env) if device.type == "cuda" else nbytes <= 0.5 * available_memory())
         trained_seconds += time.perf_counter() - built
-        chosen["teacher_cache_gb"] = round(sum(t.numel() * t.element_size() for t in teacher.tensors) / 1e9, 3)
+        chosen["teacher_cache_gb"] = round(teacher.nbytes / 1e9, 3)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
