@@ -8,12 +8,13 @@ formula), bf16 activations (as under --bf16-compute): the relative error of the 
 gradient against a float64 computation of the formula (the sign's gradient passed straight through
 where |w| <= 1), for both spellings, and the median time of one forward + backward (CUDA events, 20 repeats after 5 warm-ups).
 
-    python benchmarks/training_layer.py --sweep-backward 16,32,64,128 --out $OUT/backward_sweep.md
+    python benchmarks/training_layer.py --sweep-backward 64x0,16x0,64x64,32x64,128x64,64x128 --out $OUT/backward_sweep.md
 
-times the row-scaling backward kernel alone (binarymos.kernels.training's _scale_rows_backward_kernel, each
-program walking whole rows) at each rows-per-program setting, for every width the layer shapes scale (E=4), with
-its largest relative difference from the plain-PyTorch formulas: session 14's profile found it at 56 us a call
-against 18 us for the forward, with 256 programs for 16,384 rows at the default 64.
+times the row-scaling backward kernel alone (binarymos.kernels.training's _scale_rows_backward_kernel) at each
+ROWSxCOLUMNS per program (COLUMNS 0: the whole row, session 14's kernel), for every width the layer shapes scale
+(E=4), with its largest relative difference from the plain-PyTorch formulas: session 14's profile found that
+kernel at 56 us a call against 18 us for the forward, with 256 programs for 16,384 rows. Each call is timed as a
+CUDA graph's replay: timed eagerly (session 15), the host's launches and allocations took most of the time.
 """
 from __future__ import annotations
 
@@ -98,31 +99,35 @@ def profile(layer, forward, x, upstream, name: str) -> str:
     return f"### {name}\n\n```\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}\n```\n"
 
 
-def sweep_backward(tokens: int, rows_per_program: list[int], experts: int = 4) -> list[str]:
+def sweep_backward(tokens: int, tiles: list[tuple[int, int]], experts: int = 4) -> list[str]:
     from binarymos.kernels import scale_rows_backward_reference
     from binarymos.kernels import training
 
     lines = [f"{torch.cuda.get_device_name()}, {tokens} rows, E={experts}, bf16; median us of one backward kernel "
-             "call (CUDA events, 50 repeats after 10 warm-ups)", "",
-             "| width | rows per program | programs | us | largest relative difference |", "|---:|---:|---:|---:|---:|"]
-    default = training.BACKWARD_BLOCK_M
+             "call and its two partial sums, replayed as a CUDA graph (CUDA events, 50 repeats after 10 warm-ups)", "",
+             "| width | rows x columns per program | programs | us | largest relative difference |",
+             "|---:|---:|---:|---:|---:|"]
+    default = training.BACKWARD_BLOCK_M, training.BACKWARD_COLUMNS
     for width in sorted({d for shape in SHAPES for d in shape}):
         torch.manual_seed(0)
         grad, saved = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         gates = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1)
         scales = torch.rand(experts, width, device="cuda") + 0.5
         reference = scale_rows_backward_reference(grad, saved, gates, scales)
-        for rows in rows_per_program:
-            training.BACKWARD_BLOCK_M = rows
+        for rows, columns in tiles:
+            training.BACKWARD_BLOCK_M, training.BACKWARD_COLUMNS = rows, columns
             try:
                 got = training.scale_rows_backward_triton(grad, saved, gates, scales)
                 worst = max(((g.double() - r.double()).norm() / r.double().norm()).item()
                             for g, r in zip(got, reference))
-                us = 1e3 * median_ms(lambda: training.scale_rows_backward_triton(grad, saved, gates, scales),
-                                     warmup=10, repeats=50)
+                graph = torch.cuda.CUDAGraph()  # its kernels alone: a replay launches no Python, no allocation
+                with torch.cuda.graph(graph):
+                    training.scale_rows_backward_triton(grad, saved, gates, scales)
+                us = 1e3 * median_ms(graph.replay, warmup=10, repeats=50)
             finally:
-                training.BACKWARD_BLOCK_M = default
-            lines.append(f"| {width} | {rows} | {-(-tokens // rows)} | {us:.1f} | {worst:.1e} |")
+                training.BACKWARD_BLOCK_M, training.BACKWARD_COLUMNS = default
+            programs = -(-tokens // rows) * (-(-width // columns) if columns else 1)
+            lines.append(f"| {width} | {rows}x{columns or 'all'} | {programs} | {us:.1f} | {worst:.1e} |")
             print(lines[-1], flush=True)
     return lines
 
@@ -132,12 +137,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8 * 2048)
     p.add_argument("--experts", default="4,2")
     p.add_argument("--profile", default=None, help="IN:OUT: print torch.profiler's tables for this shape and exit")
-    p.add_argument("--sweep-backward", default=None, help="comma-separated rows per program: time the backward row "
-                                                               "kernel alone at each (see above) and exit")
+    p.add_argument("--sweep-backward", default=None, help="comma-separated ROWSxCOLUMNS per program: time the "
+                                                               "backward row kernel alone at each (see above) and exit")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.sweep_backward:
-        lines = sweep_backward(args.tokens, [int(v) for v in args.sweep_backward.split(",")])
+        tiles = [tuple(int(n) for n in v.split("x")) for v in args.sweep_backward.split(",")]
+        lines = sweep_backward(args.tokens, tiles)
         if args.out:
             Path(args.out).write_text("\n".join(lines) + "\n")
         return

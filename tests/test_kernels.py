@@ -367,9 +367,14 @@ def test_scale_rows_matches_float64(m, d, experts, bias, dtype, out_dtype):
 
 @pytest.mark.parametrize("m, d, experts", [(1, 40, 4), (70, 200, 4), (65, 130, 2), (33, 64, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_scale_rows_backward_matches_float64(m, d, experts, dtype):
-    """grad * s, (grad * saved) @ S.T per row, and G.T @ (grad * saved) summed over the programs' rows."""
+@pytest.mark.parametrize("columns", [64, 128, 0])
+def test_scale_rows_backward_matches_float64(monkeypatch, m, d, experts, dtype, columns):
+    """grad * s, (grad * saved) @ S.T per row, and G.T @ (grad * saved), each summed over the programs
+    that share it, for one tile, two tiles and the whole row per program."""
+    from binarymos.kernels import training
     from binarymos.kernels.training import scale_rows_backward_triton
+
+    monkeypatch.setattr(training, "BACKWARD_COLUMNS", columns)
 
     gates, scales, _ = _random_scaling(m, d, experts, seed=1)
     grad, saved = torch.randn(m, d).to(dtype), torch.randn(m, d).to(dtype)

@@ -6,8 +6,8 @@ Here each row pass reads its inputs once:
 
     _scale_rows_kernel           out = a * (G @ S) + bias                  (x * s_in, and z * s_out + bias)
     _scale_rows_backward_kernel  grad_a = grad * (G @ S)                   (the gradient through the scaling)
-                                 grad_G = (grad * saved) @ S.T            (per row, complete in one program)
-                                 grad_S partials = G.T @ (grad * saved)   (per program; summed by the caller)
+                                 grad_G partials = (grad * saved) @ S.T   (per column block; summed by the caller)
+                                 grad_S partials = G.T @ (grad * saved)   (per row block; summed by the caller)
 
 All arithmetic is fp32; 16-bit results round once. Only for E > 1: with one expert (OneBit) the scales
 are vectors, autograd's broadcasts are already cheap, and these launches measured slower (docs/RESULTS.md).
@@ -30,7 +30,8 @@ import triton.language as tl
 from .triton_kernels import _mix, _partial_logits, _round, interpreting
 
 BLOCK_M, BLOCK_D = 32, 128  # rows x columns per program of the forward pass
-BACKWARD_BLOCK_M, BACKWARD_BLOCK_D = 64, 64  # rows per program (each walks the whole row), columns per step
+BACKWARD_BLOCK_M, BACKWARD_BLOCK_D = 64, 64  # rows per program, columns per step of the backward pass
+BACKWARD_COLUMNS = 64  # columns per program of the backward pass (a multiple of BLOCK_D); 0: the whole row
 
 
 @triton.jit
@@ -56,18 +57,19 @@ def _scale_rows_kernel(a_ptr, gates_ptr, scales_ptr, bias_ptr, out_ptr, M, D, E:
 
 
 @triton.jit
-def _scale_rows_backward_kernel(grad_ptr, saved_ptr, gates_ptr, scales_ptr, grad_a_ptr, grad_gates_ptr, partial_ptr,
-                                M, D, E: tl.constexpr, E_P: tl.constexpr, INTERPRET: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program p walks rows p*BLOCK_M.. across all D columns, so grad_G of its rows is complete here,
-    and writes its share of grad_S to partial[p] (E rows of D)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _scale_rows_backward_kernel(grad_ptr, saved_ptr, gates_ptr, scales_ptr, grad_a_ptr, gates_partial_ptr,
+                                scales_partial_ptr, M, D, E: tl.constexpr, E_P: tl.constexpr, INTERPRET: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, COLUMNS: tl.constexpr):
+    """Program (i, j) takes rows i*BLOCK_M.. and columns j*COLUMNS.., BLOCK_D at a time. It writes its rows'
+    share of grad_G to gates_partial[j] (M x E) and its columns' share of grad_S to scales_partial[i] (E x D);
+    the caller sums both. A 2-D grid keeps every SM busy where one program per row block ran ~2 per SM."""
+    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ce = tl.arange(0, E_P)
     gates = _load_gates(gates_ptr, rows, M, E, E_P)
     grad_gates = tl.zeros((BLOCK_M, E_P), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+    for step in range(COLUMNS // BLOCK_D):
+        cols = pid_d * COLUMNS + step * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = (rows[:, None] < M) & (cols[None, :] < D)
         offs = rows[:, None].to(tl.int64) * D + cols[None, :]
         grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -77,8 +79,9 @@ def _scale_rows_backward_kernel(grad_ptr, saved_ptr, gates_ptr, scales_ptr, grad
         grad_gates += _partial_logits(u, scales_ptr, cols, D, E, E_P, BLOCK_M)
         for e in tl.static_range(E):
             g = tl.sum(tl.where(ce[None, :] == e, gates, 0.0), axis=1)
-            tl.store(partial_ptr + (pid * E + e) * D + cols, tl.sum(u * g[:, None], axis=0), mask=cols < D)
-    tl.store(grad_gates_ptr + rows[:, None] * E + ce[None, :], grad_gates, mask=(rows[:, None] < M) & (ce[None, :] < E))
+            tl.store(scales_partial_ptr + (pid_m * E + e) * D + cols, tl.sum(u * g[:, None], axis=0), mask=cols < D)
+    tl.store(gates_partial_ptr + (pid_d * M + rows[:, None]).to(tl.int64) * E + ce[None, :], grad_gates,
+             mask=(rows[:, None] < M) & (ce[None, :] < E))
 
 
 def scale_rows_triton(a: torch.Tensor, gates: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -99,16 +102,17 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
                                out_dtype: torch.dtype | None = None):
     grad, saved = grad.contiguous(), saved.contiguous()
     (M, D), E = grad.shape, scales.shape[0]
-    programs = triton.cdiv(M, BACKWARD_BLOCK_M)
+    columns = BACKWARD_COLUMNS or triton.cdiv(D, BACKWARD_BLOCK_D) * BACKWARD_BLOCK_D
+    grid = (triton.cdiv(M, BACKWARD_BLOCK_M), triton.cdiv(D, columns))
     grad_a = torch.empty((M, D), device=grad.device, dtype=out_dtype or grad.dtype)
-    partial = torch.zeros((programs, E, D), device=grad.device, dtype=torch.float32)
-    grad_gates = torch.empty((M, E), device=grad.device, dtype=torch.float32)
+    scales_partial = torch.empty((grid[0], E, D), device=grad.device, dtype=torch.float32)  # the kernel writes
+    gates_partial = torch.empty((grid[1], M, E), device=grad.device, dtype=torch.float32)   # every element
     if M > 0:
-        _scale_rows_backward_kernel[(programs,)](
-            grad, saved, gates.float().contiguous(), scales.contiguous(), grad_a, grad_gates, partial, M, D, E=E,
-            E_P=triton.next_power_of_2(E), INTERPRET=interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
-            BLOCK_D=BACKWARD_BLOCK_D)
-    return grad_a, grad_gates, partial.sum(0)
+        _scale_rows_backward_kernel[grid](
+            grad, saved, gates.float().contiguous(), scales.contiguous(), grad_a, gates_partial, scales_partial, M, D,
+            E=E, E_P=triton.next_power_of_2(E), INTERPRET=interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
+            BLOCK_D=BACKWARD_BLOCK_D, COLUMNS=columns)
+    return grad_a, gates_partial.sum(0), scales_partial.sum(0)
 
 
 @triton.jit
