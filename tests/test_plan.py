@@ -203,3 +203,24 @@ def test_peak_is_the_largest_moment_of_a_step_not_every_term_at_once():
     assert estimate(c, 8, 2048, 2)["terms"]["reduce_scatter"] == 6 * c.block_trainable
     with pytest.raises(ValueError, match="strategy"):
         estimate(c, 2, 2048, 2, strategy="zero3")
+
+
+def test_teacher_cache_is_the_bytes_measured_and_counts_throughout_the_step(capsys):
+    """Sessions 14 and 15 (one H200): train --cache-teacher's teacher_cache_gb was 22.876 for SmolLM2's 303 blocks of
+    2048 tokens (c4_wiki) and 48.771 for 646 (c4_wiki,calib); the run with the cache and CUDA graphs peaked at
+    55.6 GB (batch 8, --bf16-compute, the fused layer)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(SMOLLM2)
+    counts = count(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs), 4)
+    plain = estimate(counts, 1, 2048, 8, residual=2)
+    for blocks, measured_gb in ((303, 22.876), (646, 48.771)):
+        cached = estimate(counts, 1, 2048, 8, residual=2, cache_tokens=blocks * 2048)
+        assert abs(cached["terms"]["teacher_cache"] / GB - measured_gb) < 0.001
+        assert cached["total"] - plain["total"] == cached["terms"]["teacher_cache"]  # alive at every moment
+    planned = estimate(counts, 1, 2048, 8, residual=2, cache_tokens=303 * 2048)["total"] / GB
+    assert abs(planned - 55.6) / 55.6 < 0.15, planned
+    assert cli.main(["plan", "--config", "smollm2-135m", "--batch", "8", "--cache-tokens", str(303 * 2048)]) == 0
+    assert "| teacher cache (train --cache-teacher) | 22.88 |" in capsys.readouterr().out
+    assert cli.main(["plan", "--config", "smollm2-135m", "--gpus", "2", "--cache-tokens", "2048"]) == 2
+    assert "one GPU" in capsys.readouterr().err

@@ -179,7 +179,7 @@ def _cmd_plan(args) -> None:
     from .plan import format_plan, parse_bytes, plan
 
     result = plan(args.config, args.gpus, args.seq_len, args.batch, parse_bytes(args.gpu_memory), args.num_experts,
-                  args.grad_accum, args.strategy)
+                  args.grad_accum, args.strategy, args.cache_tokens)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the routers' normal init")
+    p.add_argument("--expert-init-noise", type=float, default=0.0,
+                   help="relative std of each expert's initial scales around the SVD's (default 0: all experts equal, "
+                        "as in the paper, so the router's gradient starts at zero)")
     p.add_argument("--ste-clip", type=float, default=1.0, help="sign gradient passes where |w| <= this")
     p.add_argument("--blockwise", type=float, default=None,
                    help="fraction of the budget trained block by block first (each student block computes from the "
@@ -394,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--grad-accum of train)")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes) or 80GiB")
     p.add_argument("--num-experts", "-E", type=int, default=4)
+    p.add_argument("--cache-tokens", type=int, default=0,
+                   help="with train --cache-teacher: the training tokens (blocks x seq-len) whose teacher outputs "
+                        "stay on the GPU (default 0: no cache)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_plan)
 

@@ -32,6 +32,7 @@ class BinaryMoSConfig:
     method: str = "mos"
     modules_to_not_convert: list[str] = field(default_factory=list)
     router_init_std: float = 0.02
+    expert_init_noise: float = 0.0  # relative std of each expert's initial scales around the SVD's (0: all equal)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -88,7 +89,7 @@ def _make_layer(linear: nn.Linear, config: BinaryMoSConfig, from_weights: bool) 
         return BinaryMoSLinear(linear.in_features, linear.out_features, config.num_experts, **kw)
     if config.method == "sign":
         return SignLinear.from_linear(linear)
-    return BinaryMoSLinear.from_linear(linear, config.num_experts, config.router_init_std)
+    return BinaryMoSLinear.from_linear(linear, config.num_experts, config.router_init_std, config.expert_init_noise)
 
 
 @torch.no_grad()

@@ -90,8 +90,14 @@ class BinaryMoSLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, num_experts: int = 4, router_init_std: float = 0.02) -> "BinaryMoSLinear":
-        """Convert a trained ``nn.Linear``: latent weight = W, every expert = rank-1 SVD of |W|."""
+    def from_linear(cls, linear: nn.Linear, num_experts: int = 4, router_init_std: float = 0.02,
+                    expert_init_noise: float = 0.0) -> "BinaryMoSLinear":
+        """Convert a trained ``nn.Linear``: latent weight = W, every expert = rank-1 SVD of |W| (the paper's), each
+        element times exp(expert_init_noise * N(0, 1)) (positive, about 1 + that noise).
+
+        With every expert equal the mixture does not depend on the gates, so the router's gradient is exactly
+        zero, and the experts' own gradients differ only by the gates' small spread; the noise breaks that symmetry
+        from the first step."""
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, num_experts, bias=linear.bias is not None,
                     device=weight.device, dtype=weight.dtype)
@@ -100,6 +106,9 @@ class BinaryMoSLinear(nn.Module):
             layer.weight.copy_(weight)
             layer.scale_out.copy_(u.expand(num_experts, -1))
             layer.scale_in.copy_(v.expand(num_experts, -1))
+            if expert_init_noise > 0 and num_experts > 1:
+                for scale in (layer.scale_out, layer.scale_in):
+                    scale.mul_(torch.exp(expert_init_noise * torch.randn_like(scale, dtype=torch.float32)))
             nn.init.normal_(layer.router.weight, std=router_init_std)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())

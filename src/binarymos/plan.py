@@ -22,9 +22,13 @@ vocabulary V and a = 2 bytes per activation (bf16):
     logits       T * V * 3a  +  3 * 4 * min(T, 4096) * V     student and teacher logits, the student's
                  logit gradient, one float32 chunk of the KL (train.kl_sum) recomputed in backward
     hidden       T * h * (a * (n + 1) + 8 * n)               teacher hidden states, float32 copies in the MSE
+    teacher_cache  C * (n + 2) * h * a    train --cache-teacher, C training tokens: the residual stream entering
+                 every block, the last block's output and the head's input, kept on the GPU for the whole run
+                 (session 14 and 15 measured 22.88 and 48.77 GB for SmolLM2's 0.62 M and 1.32 M tokens: the formula's)
 
 The terms are not all alive at once. The peak is the largest of three moments of a step:
 
+    (weights + adamw + teacher + teacher_cache are alive throughout)
     backward starts  weights + adamw + teacher + gathered + logits + hidden + activations
                      (+ gradients, if they outlive the step: grad_accum > 1, or DDP's gradient buckets)
     backward ends    weights + adamw + teacher + gradients + gathered + reduce_scatter + last_block
@@ -128,7 +132,8 @@ def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2, fus
 
 
 def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2,
-             residual: int | None = None, grad_accum: int = 1, strategy: str = "fsdp", fused_layer: bool = True) -> dict:
+             residual: int | None = None, grad_accum: int = 1, strategy: str = "fsdp", fused_layer: bool = True,
+             cache_tokens: int = 0) -> dict:
     """Bytes per GPU of each term, and the peak with and without gradient checkpointing.
 
     gpus: the ranks; under strategy "fsdp" they shard the student and the teacher, under "ddp" each
@@ -136,6 +141,7 @@ def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, te
     value of the student's residual stream (r); default: 4 when one process holds the whole student
     (float32 masters), a under FSDP2 (bf16 parameters); train's bf16_compute makes it 2 there too.
     fused_layer: BinaryMoSLinear's own backward (False: autograd of its formula, as ``--compile all``).
+    cache_tokens: training tokens whose teacher outputs train's --cache-teacher keeps (one process; 0: none).
     """
     if strategy not in ("fsdp", "ddp"):
         raise ValueError(f"unknown strategy {strategy!r}: use fsdp or ddp")
@@ -156,8 +162,9 @@ def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, te
         "activations": t * n * per_layer + a * c.binarized,
         "activations_checkpointed": t * n * r * c.hidden + t * per_layer + a * c.binarized // n,
         "last_block": t * per_layer + a * c.binarized // n,
+        "teacher_cache": cache_tokens * (n + 2) * c.hidden * a,
     }
-    kept = terms["weights"] + terms["adamw"] + terms["teacher"]
+    kept = terms["weights"] + terms["adamw"] + terms["teacher"] + terms["teacher_cache"]
     grads_kept = terms["gradients"] if grad_accum > 1 or strategy == "ddp" else 0
     backward_starts = kept + grads_kept + terms["gathered"] + terms["logits"] + terms["hidden"]
     backward_ends = kept + terms["gradients"] + terms["gathered"] + terms["reduce_scatter"] + terms["last_block"]
@@ -177,16 +184,20 @@ def parse_bytes(text: str) -> int:
 
 
 def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int = 80 * GB,
-         num_experts: int = 4, grad_accum: int = 1, strategy: str = "fsdp") -> dict:
+         num_experts: int = 4, grad_accum: int = 1, strategy: str = "fsdp", cache_tokens: int = 0) -> dict:
     from .footprint import load_config
 
     if min(gpus, seq_len, batch, num_experts, grad_accum) < 1:
         raise ValueError("plan: --gpus, --seq-len, --batch, --grad-accum and --num-experts must be >= 1")
+    if cache_tokens < 0 or (cache_tokens and gpus > 1):
+        raise ValueError("plan: --cache-tokens must be >= 0, and the teacher cache is for one GPU (train --cache-teacher)")
     counts = count(load_config(config_name), num_experts)
-    result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy)
+    result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy,
+                      cache_tokens=cache_tokens)
     limit = FIT_FRACTION * gpu_memory
     return {"config": config_name, "gpus": gpus, "strategy": strategy, "seq_len": seq_len, "batch_per_gpu": batch,
-            "grad_accum": grad_accum, "num_experts": num_experts, "gpu_memory": gpu_memory, "parameters": {
+            "grad_accum": grad_accum, "num_experts": num_experts, "cache_tokens": cache_tokens,
+            "gpu_memory": gpu_memory, "parameters": {
                 "teacher": counts.teacher, "student": counts.student, "trainable": counts.trainable},
             **result, "fits": result["total"] <= limit, "fits_checkpointed": result["total_checkpointed"] <= limit,
             # rank 0 builds both models in host memory (fp32) before sharding them; the other ranks build
@@ -202,7 +213,8 @@ def format_plan(p: dict) -> str:
             ("AdamW step temporary (fp32)", "optimizer_temp"), ("logits and KL chunk", "logits"),
             ("hidden states (MSE term)", "hidden"), ("activations, no checkpointing", "activations"),
             ("activations, checkpointing", "activations_checkpointed"),
-            ("the first block's activations at the end of backward", "last_block")]
+            ("the first block's activations at the end of backward", "last_block"),
+            ("teacher cache (train --cache-teacher)", "teacher_cache")]
     params = p["parameters"]
     sharing = f" ({p['strategy']})" if p["gpus"] > 1 else ""
     lines = [f"plan for {p['config']}: {p['gpus']} GPU(s){sharing}, {p['batch_per_gpu']} x {p['seq_len']} "

@@ -112,6 +112,7 @@ class TrainConfig:
     # recipe levers (defaults keep the measured recipe)
     train_norms: bool = False       # also train the norms' weights, at lr_scale
     router_init_std: float = 0.02
+    expert_init_noise: float = 0.0  # relative std of each expert's initial scales (0: all equal, the paper's)
     ste_clip: float = 1.0           # the sign's straight-through gradient passes where |w| <= ste_clip
     # fraction of the budget trained block by block first: every student block computes from the teacher's
     # input to it (TeacherForcedBlocks), then end to end; None: the recipe's (default 0.25, paper 0)
@@ -720,7 +721,8 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     blocks = [token_blocks(tokenizer, docs, cfg.seq_len, bos)] if real else []
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
-                                                               router_init_std=cfg.router_init_std),
+                                                               router_init_std=cfg.router_init_std,
+                                                               expert_init_noise=cfg.expert_init_noise),
                        from_weights=env.is_main)
     for layer in student.modules():
         if isinstance(layer, BinaryMoSLinear):
