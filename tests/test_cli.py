@@ -28,6 +28,24 @@ def test_train_reports_perplexity_before_and_after(teacher_dir, text_file, tmp_p
     assert "| static sign |" in out and (out_dir / "model" / "config.json").exists()
 
 
+def test_train_reports_the_runs_own_start_before_training(teacher_dir, text_file, tmp_path, capsys):
+    """The "before training" row is the student train starts from, its experts' random spread included."""
+    from binarymos.eval import perplexity
+    from binarymos.train import TrainConfig, prepare
+
+    options = dict(model=str(teacher_dir), data=str(text_file), num_experts=2, seq_len=32, batch_size=2, max_steps=1,
+                   device="cpu", expert_init_noise=0.5, seed=3)
+    code, _, _ = run(capsys, "train", "--model", str(teacher_dir), "--data", str(text_file), "--out", str(tmp_path / "r"),
+                     "-E", "2", "--seq-len", "32", "--batch-size", "2", "--max-steps", "1", "--device", "cpu",
+                     "--expert-init-noise", "0.5", "--seed", "3", "--ppl", "wikitext2", "--eval-seq-len", "64",
+                     "--eval-windows", "2")
+    assert code == 0
+    reported = json.loads((tmp_path / "r" / "results.json").read_text())["perplexity"]["BinaryMoS (E=2) before training"]
+    _, student, tokenizer, _ = prepare(TrainConfig(**options, out=str(tmp_path / "p")))
+    expected = perplexity(student, tokenizer, "wikitext2", 64, 2, None)
+    assert reported["wikitext2"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_eval_prints_and_writes_perplexity(teacher_dir, tmp_path, capsys):
     code, out, _ = run(capsys, "eval", "--model", str(teacher_dir), "--ppl", "wikitext2,c4", "--eval-seq-len", "64",
                        "--eval-windows", "2", "--device", "cpu", "--json", str(tmp_path / "r.json"))

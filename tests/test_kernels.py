@@ -375,6 +375,8 @@ def test_scale_rows_backward_matches_float64(monkeypatch, m, d, experts, dtype, 
     from binarymos.kernels.training import scale_rows_backward_triton
 
     monkeypatch.setattr(training, "BACKWARD_COLUMNS", columns)
+    empty = torch.empty  # the outputs start as NaN: an element the kernel leaves unwritten fails the test
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(float("nan")))
 
     gates, scales, _ = _random_scaling(m, d, experts, seed=1)
     grad, saved = torch.randn(m, d).to(dtype), torch.randn(m, d).to(dtype)
@@ -438,3 +440,12 @@ def test_kl_sum_and_its_gradient_match_float64(rows, vocab, spread, dtype):
     tol = 2 ** -8 if dtype == torch.bfloat16 else 4e-7 * s64.abs().max().item()
     grad = 3.0 * (log_ps.exp() - log_pt.exp())
     assert ((s.grad.double() - grad).abs() <= tol * grad.abs() + 1e-7).all()
+
+
+def test_scale_rows_backward_refuses_columns_its_steps_would_leave_unwritten(monkeypatch):
+    from binarymos.kernels import training
+
+    gates, scales, _ = _random_scaling(4, 100, 2)
+    monkeypatch.setattr(training, "BACKWARD_COLUMNS", training.BACKWARD_BLOCK_D + 32)
+    with pytest.raises(ValueError, match="not a multiple of BACKWARD_BLOCK_D"):
+        training.scale_rows_backward_triton(torch.randn(4, 100), torch.randn(4, 100), gates, scales)

@@ -1,4 +1,5 @@
 """The recipe levers of issue 5: STE clip, trained norms, router init, expert init (defaults keep the measured recipe)."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,9 @@ def test_the_routers_gradient_is_zero_while_the_experts_are_equal():
         (layer.formula_forward(x) * upstream).sum().backward()
         norms.append(layer.router.weight.grad.norm().item() / layer.scale_in.grad.norm().item())
     assert norms[0] < 1e-6 and norms[1] > 1e-2  # measured: 1.9e-7 and 2.4e-2
+
+
+def test_a_negative_or_nan_init_spread_is_refused():
+    for bad in (dict(expert_init_noise=-0.1), dict(expert_init_noise=float("nan")), dict(router_init_std=-1.0)):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            TrainConfig(**bad)

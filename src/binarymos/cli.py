@@ -81,6 +81,8 @@ def _report(cfg, args, env, run_training) -> None:
     """
     import copy
 
+    import torch
+
     from .convert import BinaryMoSConfig, binarize
     from .eval import perplexity
 
@@ -92,7 +94,8 @@ def _report(cfg, args, env, run_training) -> None:
         rows = {"full precision": evaluate(teacher),
                 "static sign": evaluate(binarize(copy.deepcopy(teacher), BinaryMoSConfig(method="sign")))}
         if not cfg.resume:
-            init = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts))
+            torch.manual_seed(cfg.seed)  # seeded as the run is: its routers and experts (the same draws on the CPU)
+            init = binarize(copy.deepcopy(teacher), cfg.binarization())
             rows[f"{_label(cfg)} before training"] = evaluate(init)
             del init
         del teacher

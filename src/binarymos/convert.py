@@ -39,6 +39,9 @@ class BinaryMoSConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if int(self.num_experts) != self.num_experts or self.num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts}")
+        if not (self.router_init_std >= 0 and self.expert_init_noise >= 0):  # NaN fails both
+            raise ValueError(f"router_init_std and expert_init_noise must be >= 0, got {self.router_init_std} and "
+                             f"{self.expert_init_noise}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -183,7 +183,12 @@ class TrainConfig:
         if self.cache_teacher and self.compile == "teacher":
             raise ValueError("cache_teacher runs the teacher once, before training: compile 'teacher' has nothing "
                              "to compile")
-        BinaryMoSConfig(num_experts=self.num_experts, method=self.method)  # validates both
+        self.binarization()  # validates its fields
+
+    def binarization(self) -> BinaryMoSConfig:
+        """How the student is made from the teacher (after torch.manual_seed(seed), as prepare does it)."""
+        return BinaryMoSConfig(num_experts=self.num_experts, method=self.method, router_init_std=self.router_init_std,
+                               expert_init_noise=self.expert_init_noise)
 
 
 # what a resumed run may set anew: where and how fast it runs, not what it trains (a changed batch_size or grad_accum
@@ -720,10 +725,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     bos = leading_bos(teacher.config, tokenizer)
     blocks = [token_blocks(tokenizer, docs, cfg.seq_len, bos)] if real else []
     torch.manual_seed(cfg.seed)
-    student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=cfg.num_experts, method=cfg.method,
-                                                               router_init_std=cfg.router_init_std,
-                                                               expert_init_noise=cfg.expert_init_noise),
-                       from_weights=env.is_main)
+    student = binarize(copy.deepcopy(teacher), cfg.binarization(), from_weights=env.is_main)
     for layer in student.modules():
         if isinstance(layer, BinaryMoSLinear):
             layer.ste_clip = cfg.ste_clip

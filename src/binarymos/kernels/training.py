@@ -80,7 +80,7 @@ def _scale_rows_backward_kernel(grad_ptr, saved_ptr, gates_ptr, scales_ptr, grad
         for e in tl.static_range(E):
             g = tl.sum(tl.where(ce[None, :] == e, gates, 0.0), axis=1)
             tl.store(scales_partial_ptr + (pid_m * E + e) * D + cols, tl.sum(u * g[:, None], axis=0), mask=cols < D)
-    tl.store(gates_partial_ptr + (pid_d * M + rows[:, None]).to(tl.int64) * E + ce[None, :], grad_gates,
+    tl.store(gates_partial_ptr + (pid_d.to(tl.int64) * M + rows[:, None]) * E + ce[None, :], grad_gates,
              mask=(rows[:, None] < M) & (ce[None, :] < E))
 
 
@@ -102,7 +102,9 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
                                out_dtype: torch.dtype | None = None):
     grad, saved = grad.contiguous(), saved.contiguous()
     (M, D), E = grad.shape, scales.shape[0]
-    columns = BACKWARD_COLUMNS or triton.cdiv(D, BACKWARD_BLOCK_D) * BACKWARD_BLOCK_D
+    columns = BACKWARD_COLUMNS or max(1, triton.cdiv(D, BACKWARD_BLOCK_D)) * BACKWARD_BLOCK_D
+    if columns % BACKWARD_BLOCK_D:  # the kernel steps BLOCK_D at a time: the rest would stay unwritten
+        raise ValueError(f"BACKWARD_COLUMNS {columns} is not a multiple of BACKWARD_BLOCK_D {BACKWARD_BLOCK_D}")
     grid = (triton.cdiv(M, BACKWARD_BLOCK_M), triton.cdiv(D, columns))
     grad_a = torch.empty((M, D), device=grad.device, dtype=out_dtype or grad.dtype)
     scales_partial = torch.empty((grid[0], E, D), device=grad.device, dtype=torch.float32)  # the kernel writes
