@@ -55,7 +55,8 @@ a, b = log[min(10, len(log) - 2)], log[-1]
 print(int((b["tokens"] - a["tokens"]) / (b["time"] - a["time"])))
 EOF
 }
-trained() {  # GPU NAME [train options, a budget among them]: train (or resume), then evaluate
+trained() {  # GPU NAME [train options, a budget among them]: train (or resume), then evaluate, and write
+    # $run/analyze/analyze.json (the experts' spread per layer, three layers' gates; no matplotlib needed)
     local gpu=$1 run=$W/$2
     shift 2
     if [ ! -d "$run/model" ]; then
@@ -66,6 +67,9 @@ trained() {  # GPU NAME [train options, a budget among them]: train (or resume),
     if [ -d "$run/model" ] && [ ! -f "$run/eval.json" ]; then
         CUDA_VISIBLE_DEVICES=$gpu $BM eval --model "$run/model" --ppl wikitext2,c4 --json "$run/eval.json" \
             ${EVAL_WINDOWS:+--eval-windows $EVAL_WINDOWS} > "$run-eval.log" 2>&1
+    fi
+    if [ -d "$run/model" ] && [ ! -f "$run/analyze/analyze.json" ]; then
+        CUDA_VISIBLE_DEVICES=$gpu $BM analyze "$run" --out "$run/analyze" --no-plots > "$run-analyze.log" 2>&1
     fi
 }
 timed_run() {  # GPU NAME MINUTES [train options]: train (or resume) for MINUTES, then evaluate

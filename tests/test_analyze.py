@@ -53,6 +53,24 @@ def test_a_runs_model_directory_is_analysed_with_its_runs_loss_curve(run_dir, tm
 
 
 
+def test_no_plots_writes_the_numbers_alone_with_every_layers_expert_spread(run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "numbers"
+    assert main(["analyze", str(run_dir), "--out", str(out), "--no-plots"]) == 0
+    assert [p.name for p in out.iterdir()] == ["analyze.json"]
+    summary = json.loads((out / "analyze.json").read_text())
+    state = load_file(run_dir / "model" / "model.safetensors")
+    layers = sorted(k[: -len(".scale_in")] for k in state if k.endswith(".scale_in"))
+    assert sorted(summary["expert_spread"]) == layers
+    for name in layers:  # std over the experts / their mean, per channel of both scales, in float64
+        s = torch.cat([state[f"{name}.scale_in"], state[f"{name}.scale_out"]], dim=1).double()
+        expected = (s.std(0) / s.mean(0).abs()).mean().item()
+        assert summary["expert_spread"][name] == pytest.approx(expected, rel=1e-5) and expected > 0  # trained apart
+    assert summary["expert_spread_mean"] == pytest.approx(sum(summary["expert_spread"].values()) / len(layers))
+    assert f"mean spread {summary['expert_spread_mean']:.4f}" in capsys.readouterr().out
+
+
 def test_blockwise_phase_ends_where_the_teachers_inputs_and_the_anneal_end():
     records = [{"tokens": 10, "blockwise": True}, {"tokens": 20, "blockwise": True, "teacher_share": 1.0},
                {"tokens": 30, "blockwise": True, "teacher_share": 0.5}, {"tokens": 40}]

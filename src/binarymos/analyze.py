@@ -5,9 +5,10 @@
     scales.png   per-token scales s_in / s_out of those layers against the static scale (the mean of
                  the experts: what one expert, OneBit, would hold), for the channels that move most
     loss.png     the loss terms of RUN/log.jsonl against trained tokens, the block-wise phase shaded
-    analyze.json the numbers behind the pictures
+    analyze.json the numbers behind the pictures, and every binarized layer's expert spread (expert_spread)
 
-matplotlib is imported only here (pip install 'binarymos[plot]').
+matplotlib is imported only here (pip install 'binarymos[plot]'); ``plots=False`` (--no-plots) writes
+analyze.json alone and needs none.
 """
 from __future__ import annotations
 
@@ -76,6 +77,18 @@ def layer_inputs(model, layers: dict[str, BinaryMoSLinear], ids: torch.Tensor) -
         for hook in hooks:
             hook.remove()
     return seen
+
+
+def expert_spread(model) -> dict[str, float]:
+    """How far apart each binarized layer's experts are: the mean over channels of std_e / mean_e of the scales,
+    scale_in's and scale_out's channels together. 0 where the experts are equal, as the paper initialises them
+    (--expert-init-noise spreads them); OneBit's single expert has no spread and is left out."""
+    spread = {}
+    for name, layer in binarized_layers(model).items():
+        if isinstance(layer, BinaryMoSLinear) and layer.num_experts > 1:
+            s = torch.cat([layer.scale_in.detach().float(), layer.scale_out.detach().float()], dim=1)
+            spread[name] = (s.std(0) / s.mean(0).abs().clamp_min(1e-30)).mean().item()
+    return spread
 
 
 def _token_labels(tokenizer, ids: list[int]) -> list[str]:
@@ -149,12 +162,14 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: str = DEFAULT_TEXT) -> dict:
-    """Draw gates.png, scales.png and (when RUN has a log) loss.png into ``out``; returns analyze.json's content."""
+def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: str = DEFAULT_TEXT,
+            plots: bool = True) -> dict:
+    """Draw gates.png, scales.png and (when RUN has a log) loss.png into ``out`` (not with plots False); returns
+    analyze.json's content."""
     from .models import load_model
     from .train import read_log, run_model, run_of
 
-    plt = _pyplot()
+    plt = _pyplot() if plots else None
     model_dir = run_model(run)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"analyze: {run} is neither a run directory nor a trained model directory")
@@ -175,14 +190,18 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
         s_in, s_out = layer.token_scales(inputs[name])
         scales[name] = {"s_in": (s_in.float().expand(len(ids), -1), layer.scale_in.float().mean(0)),
                         "s_out": (s_out.float().expand(len(ids), -1), layer.scale_out.float().mean(0))}
-    plot_gates(plt, gates, labels, out / "gates.png")
-    plot_scales(plt, scales, out / "scales.png")
+    if plots:
+        plot_gates(plt, gates, labels, out / "gates.png")
+        plot_scales(plt, scales, out / "scales.png")
+    spread = expert_spread(model)
     summary = {"text": text, "tokens": labels, "gates": {n: g.tolist() for n, g in gates.items()},
                "relative_spread": {n: {side: ((v - static).abs().mean() / static.abs().mean()).item()
-                                       for side, (v, static) in sides.items()} for n, sides in scales.items()}}
+                                       for side, (v, static) in sides.items()} for n, sides in scales.items()},
+               "expert_spread": spread, "expert_spread_mean": sum(spread.values()) / len(spread) if spread else 0.0}
     records = read_log(run_of(run) or run)
     if records:
-        plot_loss(plt, records, out / "loss.png")
+        if plots:
+            plot_loss(plt, records, out / "loss.png")
         summary["log_records"] = len(records)
         blockwise_until = blockwise_phase(records)[1]
         if blockwise_until:

@@ -246,8 +246,9 @@ def _cmd_compare(args) -> None:
 def _cmd_analyze(args) -> None:
     from .analyze import DEFAULT_TEXT, analyze
 
-    analyze(args.run, args.out, args.layers, args.text or DEFAULT_TEXT)
-    print(f"pictures in {args.out}")
+    summary = analyze(args.run, args.out, args.layers, args.text or DEFAULT_TEXT, plots=args.plots)
+    print(f"{'pictures and ' if args.plots else ''}analyze.json in {args.out}; the experts' mean spread "
+          f"{summary['expert_spread_mean']:.4f}")
 
 
 def _cmd_bench(args) -> None:
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block indices (each block's first binarized layer) or patterns of layer names, "
                         "comma-separated (default: first, middle and last block)")
     p.add_argument("--text", default=None, help="the sentence to route (default: a sentence about Paris)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the PNGs (default); --no-plots writes analyze.json alone, without matplotlib")
     p.set_defaults(func=_cmd_analyze)
 
     p = verbs.add_parser("bench", help="GPU benchmarks: one layer against fp16 cuBLAS, and end-to-end decoding")
