@@ -63,9 +63,9 @@ def test_no_plots_writes_the_numbers_alone_with_every_layers_expert_spread(run_d
     state = load_file(run_dir / "model" / "model.safetensors")
     layers = sorted(k[: -len(".scale_in")] for k in state if k.endswith(".scale_in"))
     assert sorted(summary["expert_spread"]) == layers
-    for name in layers:  # std over the experts / their mean, per channel of both scales, in float64
+    for name in layers:  # the channels' std over the experts / the layer's mean |scale|, both scales, in float64
         s = torch.cat([state[f"{name}.scale_in"], state[f"{name}.scale_out"]], dim=1).double()
-        expected = (s.std(0) / s.mean(0).abs()).mean().item()
+        expected = (s.std(0).mean() / s.abs().mean()).item()
         assert summary["expert_spread"][name] == pytest.approx(expected, rel=1e-5) and expected > 0  # trained apart
     assert summary["expert_spread_mean"] == pytest.approx(sum(summary["expert_spread"].values()) / len(layers))
     assert f"mean spread {summary['expert_spread_mean']:.4f}" in capsys.readouterr().out

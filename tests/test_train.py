@@ -241,6 +241,9 @@ def test_bad_options_are_refused():
         TrainConfig(max_steps=3, max_minutes=1)
     with pytest.raises(ValueError, match="max_minutes"):
         TrainConfig(max_minutes=0)
+    for budget in (dict(max_steps=0), dict(max_tokens=0), dict(epochs=0)):  # a run of no steps: refused up front
+        with pytest.raises(ValueError, match="max_steps and max_tokens must be >= 1"):
+            TrainConfig(**budget)
 
 
 def test_grad_checkpointing_is_on_only_where_the_plan_does_not_fit(monkeypatch, teacher_dir):

@@ -80,14 +80,15 @@ def layer_inputs(model, layers: dict[str, BinaryMoSLinear], ids: torch.Tensor) -
 
 
 def expert_spread(model) -> dict[str, float]:
-    """How far apart each binarized layer's experts are: the mean over channels of std_e / mean_e of the scales,
-    scale_in's and scale_out's channels together. 0 where the experts are equal, as the paper initialises them
-    (--expert-init-noise spreads them); OneBit's single expert has no spread and is left out."""
+    """How far apart each binarized layer's experts are: the mean over channels of the scales' std over the experts,
+    over the mean |scale| of the layer (scale_in's and scale_out's channels together; per channel, a mean near zero
+    would blow the ratio up). 0 where the experts are equal, as the paper initialises them (--expert-init-noise
+    spreads them); OneBit's single expert has no spread and is left out."""
     spread = {}
     for name, layer in binarized_layers(model).items():
         if isinstance(layer, BinaryMoSLinear) and layer.num_experts > 1:
             s = torch.cat([layer.scale_in.detach().float(), layer.scale_out.detach().float()], dim=1)
-            spread[name] = (s.std(0) / s.mean(0).abs().clamp_min(1e-30)).mean().item()
+            spread[name] = (s.std(0).mean() / s.abs().mean().clamp_min(1e-30)).item()
     return spread
 
 

@@ -159,6 +159,8 @@ class TrainConfig:
             raise ValueError("give one budget: max_tokens, max_steps or max_minutes")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
+        if any(budget is not None and budget < 1 for budget in (self.max_steps, self.max_tokens)) or self.epochs <= 0:
+            raise ValueError("max_steps and max_tokens must be >= 1, and epochs > 0")
         if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
             raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
         if self.teacher_prompt_len < 0:
