@@ -11,7 +11,7 @@
 #   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
-#                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bw50, lr2,
+#                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bwN, lr2,
 #                                   # lr05, hid3, norms, alltext, graphs, cache, anneal10, anneal25 or xnoiseN, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
@@ -292,7 +292,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # GPU, one after the other, so that their tokens per minute are their own. BUDGET is minutes of training, or
     # millions of tokens with an M (10M: comparable across machines of different speed). NAME e4 is the default
     # recipe at E=4, e1, e2 and e8 at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
-    # 16, bw50 --blockwise 0.5, lr2 and lr05 both learning rates doubled and halved, hid3 --hidden-weight 3, norms
+    # 16, bwN --blockwise N/100 (bw12: the first 12 %), lr2 and lr05 both learning rates doubled and halved, hid3 --hidden-weight 3, norms
     # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
     # the default recipe with each step replayed as a CUDA graph (--cuda-graphs), cache the teacher's outputs computed
     # once before the first step (--cache-teacher), anneal10 and anneal25
@@ -316,7 +316,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             e1 | e2 | e8) extra+=" -E ${part#e}" ;;
             paper) extra+=" --recipe paper" ;;
             b16) extra+=" --batch-size 16" ;;
-            bw50) extra+=" --blockwise 0.5" ;;
+            bw[0-9]*) extra+=" --blockwise $(awk "BEGIN { print ${part#bw} / 100 }")" ;;
             lr2) extra+=" --lr-weight 4e-4 --lr-scale 2e-2" ;;
             lr05) extra+=" --lr-weight 1e-4 --lr-scale 5e-3" ;;
             hid3) extra+=" --hidden-weight 3" ;;

@@ -1,5 +1,6 @@
 """`binarymos analyze` on a tiny trained run: decodable PNGs and gating scores equal to softmax(x W_R)."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -105,3 +106,14 @@ def test_a_gemma_run_is_analysed_after_its_bos_and_the_bos_is_the_first_label(te
         x = block.input_layernorm(model.model.embed_tokens(torch.tensor([SPECIALS.index("<s>"), *encode(text)])))
         expected = torch.softmax(x @ block.self_attn.q_proj.router.weight.T, -1)
     torch.testing.assert_close(torch.tensor(summary["gates"]["model.layers.0.self_attn.q_proj"]), expected)
+
+
+def test_a_log_without_loss_terms_draws_no_loss_curve(run_dir, tmp_path):
+    """A log.jsonl of some other tool's records: the gates and scales are still drawn and analyze.json written."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)  # the module's run stays as it is for the other tests
+    (run / "log.jsonl").write_text('{"step": 1, "note": "not a training record"}\n')
+    summary = analyze(run, tmp_path / "pictures", layers="0")
+    assert summary["log_records"] == 1 and json.loads((tmp_path / "pictures" / "analyze.json").read_text())
+    assert not (tmp_path / "pictures" / "loss.png").exists()
+    assert (tmp_path / "pictures" / "gates.png").read_bytes()[:8] == PNG_MAGIC

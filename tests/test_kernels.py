@@ -365,12 +365,13 @@ def test_scale_rows_matches_float64(m, d, experts, bias, dtype, out_dtype):
     assert ((out.double() - ref).abs() <= tol * ref.abs() + 1e-6).all()
 
 
-@pytest.mark.parametrize("m, d, experts", [(1, 40, 4), (70, 200, 4), (65, 130, 2), (33, 64, 8)])
+@pytest.mark.parametrize("m, d, experts", [(1, 40, 4), (70, 200, 4), (65, 130, 2), (33, 64, 8), (300, 72, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("columns", [64, 128, 0])
 def test_scale_rows_backward_matches_float64(monkeypatch, m, d, experts, dtype, columns):
     """grad * s, (grad * saved) @ S.T per row, and G.T @ (grad * saved), each summed over the programs
-    that share it, for one tile, two tiles and the whole row per program."""
+    that share it, for one tile, two tiles and the whole row per program (300 rows: three row blocks of
+    the default 128, the last one partial)."""
     from binarymos.kernels import training
     from binarymos.kernels.training import scale_rows_backward_triton
 

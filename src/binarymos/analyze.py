@@ -140,8 +140,10 @@ def blockwise_phase(records: list[dict]) -> tuple[int, int]:
 def plot_loss(plt, records: list[dict], path: Path) -> None:
     """The loss terms against trained tokens, the block-wise phase shaded (its terms are each block's own error, so
     the curves jump where it ends), the part of it where the teacher's share of the inputs falls (--blockwise-anneal)
-    lighter."""
+    lighter. Draws nothing for records without these terms (a log.jsonl that is not train's)."""
     keys = [k for k in ("loss", "kl", "hidden") if any(r.get(k) for r in records)]
+    if not keys:
+        return
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     tokens = [r["tokens"] for r in records]
     forced_until, blockwise_until = blockwise_phase(records)
