@@ -14,7 +14,8 @@ import shlex
 
 import torch
 
-from binarymos.compare import model_config, study, table
+from binarymos.compare import study, table
+from binarymos.footprint import load_config
 
 VARIANTS = {
     # the authors' setting: KL batchmean, lambda 10 unnormalised MSE, lr 2e-5
@@ -67,7 +68,7 @@ def main() -> None:
     runs = {n: VARIANTS[n] for n in args.variants.split(",")}
     if args.baselines:
         runs["fp"] = "fp"
-    model_config(args.model)  # converts a .gguf once, not in every run
+    load_config(args.model, builtin=False)  # converts a .gguf once, not in every run
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_args = ["--data", args.data, "--num-experts", args.num_experts, "--max-tokens", args.max_tokens]
     report = study(runs, args.model, train_args + shlex.split(args.train_extra),

@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# before any test imports transformers (huggingface_hub reads it once): no test may reach the hub, which CI lacks;
+# unset, a name the hub is asked for retries for ~30 s
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # ../shared/data beside the checkout, or BINARYMOS_DATA_DIR where the text is elsewhere (the GPU machine)
 SHARED_DATA = Path(os.environ.setdefault("BINARYMOS_DATA_DIR",
                                          str(Path(__file__).resolve().parents[1].parent / "shared" / "data")))

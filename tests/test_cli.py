@@ -55,6 +55,17 @@ def test_eval_prints_and_writes_perplexity(teacher_dir, tmp_path, capsys):
     assert "wikitext2 ppl" in out
 
 
+def test_eval_sign_of_a_packed_model_is_a_one_line_error(tmp_path, capsys):
+    """--sign binarizes a full-precision model; a packed E=2 one would have been evaluated as it is, as "sign"."""
+    from conftest import tiny_model
+    from pack_helpers import binarized, packed_dir
+
+    directory = packed_dir(binarized(tiny_model("llama")), tmp_path / "packed")
+    code, _, err = run(capsys, "eval", "--model", str(directory), "--sign", "--ppl", "wikitext2", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert "binarized already (PackedBinaryMoSLinear); binarize sign takes a full-precision model" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "/no/such/model"], "no such file or directory"),
     (["eval", "--model", "/no/such/model.gguf"], "no such file or directory"),

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from binarymos.cli import main
-from binarymos.compare import method_options, run_jobs
+from binarymos.compare import method_options, run_jobs, study
 from binarymos.convert import decoder_blocks
 
 
@@ -62,6 +62,18 @@ def test_runner_gives_each_slot_its_gpu_and_kills_at_the_deadline(tmp_path):
     assert codes["a"][0] == codes["b"][0] == 0
     assert {(tmp_path / n).read_text().split()[0] for n in "ab"} == {"5", "7"}  # two slots at once: both GPUs
     assert (tmp_path / "a").read_text().split()[1] == "3"
+
+
+def test_jobs_the_deadline_leaves_unstarted_are_reported_and_the_study_still_written(teacher_dir, tmp_path):
+    jobs = [("slow", [["sleep", "30"]]), ("late", [["touch", str(tmp_path / "late-ran")]])]
+    codes = run_jobs(jobs, tmp_path, parallel=1, deadline=time.time() + 1)
+    assert codes == {"slow": (-9, pytest.approx(1, abs=1)), "late": (None, 0.0)}
+    assert not (tmp_path / "late-ran").exists()
+    report = study({"fp": "fp", "sign": "sign"}, str(teacher_dir), [], ["--ppl", "wikitext2"], tmp_path / "study",
+                   ["wikitext2"], "cpu", deadline=0)
+    assert {r["status"] for r in report["runs"].values()} == {"not started by the deadline"}
+    assert json.loads((tmp_path / "study" / "compare.json").read_text())["runs"].keys() == {"fp", "sign"}
+    assert "not started by the deadline" in (tmp_path / "study" / "compare.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

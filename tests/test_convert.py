@@ -59,11 +59,15 @@ def test_sign_method_and_modules_to_not_convert():
     assert model.config.binarymos["method"] == "sign"
 
 
-def test_binarizing_twice_changes_nothing():
+def test_binarizing_twice_changes_nothing_and_binarizing_otherwise_is_refused():
     model = binarize(tiny_model("qwen3"), BinaryMoSConfig(num_experts=2))
     names = {n for n, m in model.named_modules() if isinstance(m, BinaryMoSLinear)}
     binarize(model, BinaryMoSConfig(num_experts=2))
     assert {n for n, m in model.named_modules() if isinstance(m, BinaryMoSLinear)} == names
+    with pytest.raises(UnsupportedModelError,
+                       match=r"binarized already \(BinaryMoSLinear, mos\); binarize sign takes a full-precision"):
+        binarize(model, BinaryMoSConfig(method="sign"))  # it would have stayed E=2 under a config saying sign
+    assert model.config.binarymos["num_experts"] == 2 and model.config.binarymos["method"] == "mos"
 
 
 def test_a_layer_it_cannot_convert_is_a_clear_error():

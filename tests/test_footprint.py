@@ -59,3 +59,27 @@ def test_cli_footprint(tmp_path, capsys):
 
     assert cli.main(["footprint", "--config", "no-such-model"]) == 2
     assert "not a built-in config" in capsys.readouterr().err
+
+
+def test_a_hub_id_is_read_from_the_hub_and_builtin_false_skips_the_builtin_names(monkeypatch):
+    import transformers
+    from transformers import LlamaConfig
+
+    from binarymos.footprint import FootprintError
+
+    asked = []
+
+    def from_pretrained(name, **kwargs):
+        asked.append(name)
+        if name == "org/missing":
+            raise OSError("org/missing is not a local folder and is not a valid model identifier\nmore")
+        return LlamaConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=4, quantization_config={"quant_method": "binarymos"})
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    config = load_config("org/model")
+    assert asked == ["org/model"] and config.hidden_size == 48 and not hasattr(config, "quantization_config")
+    assert load_config("llama-2-7b").hidden_size == 4096 and asked == ["org/model"]  # the built-in, no hub
+    assert load_config("llama-2-7b", builtin=False).hidden_size == 48 and asked[-1] == "llama-2-7b"
+    with pytest.raises(FootprintError, match=r"org/missing: not a built-in config .* no config for it \(org/missing "
+                                             r"is not a local folder and is not a valid model identifier\)$"):
+        load_config("org/missing")

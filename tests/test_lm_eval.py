@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pack_helpers import binarized, encode, packed_dir, reference, tiny_lm
+from pack_helpers import binarized, encode, packed_dir, reference, tiny_lm, tiny_tokenizer
 
 from binarymos import cli
 
@@ -57,3 +57,20 @@ def test_unknown_task(tmp_path, capsys):
     directory = packed_dir(binarized(tiny_lm("llama")), tmp_path / "packed")
     assert cli.main(["eval", "--model", str(directory), "--tasks", "no_such_task", "--device", "cpu"]) == 2
     assert "unknown lm-eval task(s): no_such_task" in capsys.readouterr().err
+
+
+def test_paper_names_the_fields_six_tasks(monkeypatch):
+    import lm_eval
+
+    from binarymos.harness import zero_shot
+
+    asked = []
+
+    def simple_evaluate(model, tasks, **kwargs):  # the six need their data from the hub: stand in for the run
+        asked.extend(tasks)
+        return {"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.25} for t in tasks}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    got = zero_shot(tiny_lm("llama"), tiny_tokenizer(), ["paper", "piqa"])
+    assert asked == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"]
+    assert got["winogrande"] == {"acc": 0.5, "acc_norm": 0.25}

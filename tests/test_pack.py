@@ -273,3 +273,33 @@ def test_interrupted_pack_leaves_nothing_that_loads(tmp_path, monkeypatch):
         save(pack_model(binarized(tiny_model("llama"))), tmp_path / "partial")
     with pytest.raises(PackFormatError, match="manifest.json: missing"):
         binarymos.load(tmp_path / "partial", device="cpu")
+
+
+def test_a_finished_directory_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    """pack and train's save put a new model where an old one is; until the new one is in place the old one stays."""
+    import os
+
+    from binarymos.models import move_into_place
+
+    out, tmp = tmp_path / "model", tmp_path / "model.tmp"
+    out.mkdir()
+    (out / "old.safetensors").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.safetensors").write_text("new")
+    rename = os.rename
+
+    def interrupted(src, dst):  # a kill between the two renames
+        rename(src, dst)
+        if dst != out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        move_into_place(tmp, out)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("model.old-")]
+    assert len(aside) == 1 and (aside[0] / "old.safetensors").read_text() == "old"  # nothing lost
+    monkeypatch.setattr(os, "rename", rename)
+    rename(aside[0], out)
+    move_into_place(tmp, out)
+    assert [p.name for p in out.iterdir()] == ["new.safetensors"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model"]

@@ -76,6 +76,35 @@ def test_gguf_copies_are_kept_per_transformers_version_and_old_gemma_conversions
     assert models.gguf_conversion_warning("llama", "5.17.0") is None
 
 
+def test_a_gguf_another_process_converted_first_is_kept(tmp_path, monkeypatch):
+    """Two processes (torchrun's ranks, compare's jobs) may dequantize the same .gguf at once: the one that finds
+    the other's copy in place when it renames its own keeps that copy and removes its own."""
+    import transformers
+
+    from binarymos import models
+
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    target = models._gguf_cache_dir(gguf)
+
+    class Converted:  # what from_pretrained gives; saving it finds the other process done meanwhile
+        hf_quantizer, is_quantized, config = None, True, SimpleNamespace(quantization_config=None)
+
+        def save_pretrained(self, path):
+            path.mkdir(parents=True)
+            (path / "config.json").write_text('{"model_type": "llama", "mine": true}')
+            target.mkdir(parents=True)
+            (target / "config.json").write_text('{"model_type": "llama"}')
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Converted())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: SimpleNamespace(save_pretrained=lambda path: None))
+    assert models._gguf_as_hf_dir(gguf) == target
+    assert (target / "config.json").read_text() == '{"model_type": "llama"}'  # the first copy, untouched
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no .tmp folder left behind
+
+
 def test_the_kv_cache_goes_by_the_name_the_models_forward_takes():
     from binarymos import models
 

@@ -214,7 +214,8 @@ def _cmd_compare(args) -> None:
 
     import torch
 
-    from .compare import method_options, model_config, study, table
+    from .compare import method_options, study, table
+    from .footprint import load_config
     from .synth import split_data
     from .train import prepare
 
@@ -232,7 +233,7 @@ def _cmd_compare(args) -> None:
     if parsed.resume:
         raise ValueError("compare: --train-args cannot hold --resume; every compare job trains anew into --out")
     cfg = _train_config(parsed)
-    model_config(args.model)  # a bad model fails now, and a .gguf is converted once, not by every job
+    load_config(args.model, builtin=False)  # a bad model fails now, and a .gguf is converted once, not by every job
     if split_data(cfg.data)[1] and any(run is not None for run in runs.values()):
         prepare(cfg)  # samples the teacher's text into the cache once, before the jobs read it
         torch.cuda.empty_cache()
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-weight", type=float, default=None, help="learning rate of the latent weights")
     p.add_argument("--lr-scale", type=float, default=None, help="learning rate of scales and router")
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (of the time, with --max-minutes)")
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
     p.add_argument("--kl-reduction", choices=["token", "batchmean"], default=None)
@@ -362,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--tasks", type=_csv, default=[],
-                   help="zero-shot lm-eval tasks, e.g. piqa,hellaswag,boolq,winogrande,arc_easy,arc_challenge "
+                   help="zero-shot lm-eval tasks, e.g. piqa,hellaswag or paper (boolq, piqa, hellaswag, winogrande, "
+                        "arc_easy, arc_challenge) "
                         "(perplexity is then skipped unless --ppl is given)")
     p.add_argument("--task-path", default=None, help="a folder of extra lm-eval task YAML files")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")

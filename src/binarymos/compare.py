@@ -43,12 +43,12 @@ def launch(commands: list[list[str]], log: Path, env: dict) -> subprocess.Popen:
 
 
 def run_jobs(jobs: list[tuple[str, list[list[str]]]], out: Path, parallel: int = 1, threads: int = 1,
-             deadline: float = float("inf"), gpus: list[str] = ()) -> dict[str, tuple[int, float]]:
+             deadline: float = float("inf"), gpus: list[str] = ()) -> dict[str, tuple[int | None, float]]:
     """Run (name, commands) jobs, at most ``parallel`` at once, until done or ``deadline`` (then killed).
 
     Job slot k gets GPU ``gpus[k % len(gpus)]`` (as CUDA_VISIBLE_DEVICES) and OMP_NUM_THREADS=threads:
-    processes sharing the CPUs each with every thread stall. Returns name -> (exit code, wall seconds);
-    -9 for a job killed at the deadline; its log is OUT/NAME.log.
+    processes sharing the CPUs each with every thread stall. Returns name -> (exit code, wall seconds) for every
+    job: -9 for one killed at the deadline, None for one the deadline left unstarted; its log is OUT/NAME.log.
     """
     pending, running, done = list(jobs), {}, {}
     while (pending or running) and time.time() < deadline:
@@ -69,6 +69,7 @@ def run_jobs(jobs: list[tuple[str, list[list[str]]]], out: Path, parallel: int =
         proc.kill()
         proc.wait()
         done[name] = (-9, time.time() - start)
+    done.update((name, (None, 0.0)) for name, _ in pending)
     return done
 
 
@@ -85,7 +86,7 @@ def _commands(name: str, run, model: str, train_args: list[str], eval_args: list
 
 def _bytes(model: str, run, run_dir: Path, cache: dict) -> int | None:
     """The packed size (binarymos.footprint's computed bytes) of a run's method."""
-    from .footprint import computed
+    from .footprint import computed, load_config
 
     if run in UNTRAINED:
         key, experts = ("fp16" if run == "fp" else "sign"), 4
@@ -95,22 +96,14 @@ def _bytes(model: str, run, run_dir: Path, cache: dict) -> int | None:
     else:
         return None
     if experts not in cache:
-        cache[experts] = computed(model_config(model), experts)
+        cache[experts] = computed(load_config(model, builtin=False), experts)
     return cache[experts][key]
 
 
-def model_config(name: str):
-    """The Hugging Face config of a model name binarymos.models.load_model takes."""
-    from transformers import AutoConfig
-
-    from .models import loadable
-
-    return AutoConfig.from_pretrained(str(loadable(name)))
-
-
-def _collect(name: str, run, model: str, out: Path, status: tuple[int, float], cache: dict) -> dict:
+def _collect(name: str, run, model: str, out: Path, status: tuple[int | None, float], cache: dict) -> dict:
     code, seconds = status
-    result = {"status": "ok" if code == 0 else "killed at the deadline" if code == -9 else f"failed (exit {code})",
+    words = {0: "ok", -9: "killed at the deadline", None: "not started by the deadline"}
+    result = {"status": words.get(code, f"failed (exit {code})"),
               "options": " ".join(run) if isinstance(run, list) else run, "job_minutes": round(seconds / 60, 2),
               "trained_tokens": 0, "train_minutes": 0.0}
     evaluation = out / f"{name}.eval.json"

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .nn import BinaryMoSLinear, SignLinear
+from .nn import BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear
 
 METHODS = ("mos", "sign")
 
@@ -102,7 +102,19 @@ def binarize(model: nn.Module, config: BinaryMoSConfig | None = None, from_weigh
     With ``from_weights=False`` the layers only get their shapes (for loading a saved binarized
     model without paying for the SVD initialisation).
     """
+    from .pack import PackedSignLinear
+
     config = config or BinaryMoSConfig()
+    done = next(((name, m) for name, m in model.named_modules()
+                 if isinstance(m, (BinaryMoSLinear, SignLinear, PackedBinaryMoSLinear, PackedSignLinear))), None)
+    if done is not None:
+        had = getattr(model.config, "binarymos", None)
+        if had == config.to_dict():  # binarized so already: nothing to do
+            return model
+        # its layers would stay as they are, under a config that says otherwise
+        raise UnsupportedModelError(f"{done[0]}: the model is binarized already ({type(done[1]).__name__}"
+                                    f"{', ' + had['method'] if had else ''}); binarize {config.method} takes a "
+                                    "full-precision model")
     blocks_name, blocks = decoder_blocks(model)
     for block_index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{block_index}"

@@ -147,7 +147,7 @@ def place(env: Env, teacher, student):
             if not env.is_main:
                 model.to_empty(device=env.device)
                 model.tie_weights()  # to_empty gives tied parameters separate storage
-            _broadcast_from_main(env, model, full)
+            _broadcast_from_main(model, full)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device] if env.device.type == "cuda" else None
@@ -166,11 +166,11 @@ def place(env: Env, teacher, student):
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=model is teacher)
         if not env.is_main:
             model.to_empty(device=env.device)
-        _broadcast_from_main(env, model, full)
+        _broadcast_from_main(model, full)
     return teacher, student
 
 
-def _broadcast_from_main(env: Env, model, full: dict) -> None:
+def _broadcast_from_main(model, full: dict) -> None:
     """Rank 0's state dict ``full`` into every rank's model (its shards, under FSDP2), and its buffers."""
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():  # the non-persistent ones (rotary inv_freq ...) are in no state dict

@@ -43,30 +43,49 @@ class FootprintError(ValueError):
     pass
 
 
-def load_config(name: str):
-    """A built-in name, a config.json, a directory holding one, or any model name ``binarymos train`` takes
-    (an alias such as smollm2-135m, a .gguf); its quantization_config is ignored."""
+def load_config(name: str, builtin: bool = True):
+    """A built-in name (not with ``builtin=False``, for a model that must exist), a config.json, a directory
+    holding one, or any model name ``binarymos train`` takes (an alias such as smollm2-135m, a .gguf, a hub id);
+    its quantization_config is ignored."""
     from transformers import AutoConfig
 
     from .models import ModelNotFoundError, loadable
 
-    if name in BUILTIN_CONFIGS:
+    if builtin and name in BUILTIN_CONFIGS:
         kwargs = dict(BUILTIN_CONFIGS[name])
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     path = Path(name)
     if not (path.is_file() and path.suffix == ".json"):
         try:
-            path = Path(loadable(name)) / "config.json"
+            source = loadable(name)
         except ModelNotFoundError:
-            pass
+            source = None
+        if isinstance(source, str):  # a hub id
+            return _hub_config(source)
+        path = source / "config.json" if source is not None else path
     if not path.is_file():
-        raise FootprintError(f"{name}: not a built-in config ({', '.join(BUILTIN_CONFIGS)}), a config.json "
-                             "nor a local model")
+        raise FootprintError(f"{name}: {_NOT_A_CONFIG}")
     config_dict = json.loads(path.read_text())
     config_dict.pop("quantization_config", None)
     if "model_type" not in config_dict:
         raise FootprintError(f"{path}: no model_type")
     return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
+_NOT_A_CONFIG = f"not a built-in config ({', '.join(BUILTIN_CONFIGS)}), a config.json nor a local model"
+
+
+def _hub_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as err:  # no such repository, or no hub and nothing cached
+        raise FootprintError(f"{name}: {_NOT_A_CONFIG}, and the hub gives no config for it "
+                             f"({str(err).strip().splitlines()[0]})") from err
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
 
 
 def binarizable(config, modules_to_not_convert=()) -> tuple[int, list[tuple[int, int]]]:

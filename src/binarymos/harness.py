@@ -12,7 +12,9 @@ METRICS = ("acc", "acc_norm")
 
 def zero_shot(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
               batch_size: int = 1) -> dict[str, dict[str, float]]:
-    """{task: {"acc": ..., "acc_norm": ...}} of ``model`` (a loaded Hugging Face causal LM), zero-shot."""
+    """{task: {"acc": ..., "acc_norm": ...}} of ``model`` (a loaded Hugging Face causal LM), zero-shot; the task
+    name "paper" stands for the field's six (PAPER_TASKS)."""
+    tasks = list(dict.fromkeys(t for name in tasks for t in (PAPER_TASKS if name == "paper" else (name,))))
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

@@ -6,6 +6,8 @@ import importlib.util
 import inspect
 import json
 import os
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,18 @@ def resolve(name: str) -> Path | str:
     if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFoundError(f"{name}: no such file or directory")
     return name  # a Hugging Face hub id
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """The finished directory ``tmp`` becomes ``out``. An ``out`` already there is renamed aside first and removed
+    only once the new one is in place, so a kill at any moment leaves the old directory or the new one."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
 
 
 def _cache_dir() -> Path:
@@ -96,7 +110,12 @@ def _gguf_as_hf_dir(gguf: Path) -> Path:
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted the same file first: keep its copy
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp)
     model_type = json.loads((target / "config.json").read_text()).get("model_type", "")
     warning = gguf_conversion_warning(model_type, transformers.__version__)
     if warning:

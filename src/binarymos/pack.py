@@ -24,6 +24,7 @@ from torch import nn
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .convert import METHODS, BinaryMoSConfig, binarize, binarized_layers
+from .models import move_into_place
 from .nn import BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear, pack_signs
 
 FORMAT_VERSION = 1
@@ -179,7 +180,7 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
     try:
         save(model, tmp, tokenizer, max_shard_size)
         (tmp / "README.md").write_text(model_card(tmp, source, out.name, trained))
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -345,16 +346,6 @@ def parse_size(size: int | str) -> int:
     if not match or match[2].upper() not in units:
         raise ValueError(f"cannot read the size {size!r}: use e.g. 2GB, 500MB or 1GiB")
     return int(float(match[1]) * units[match[2].upper()])
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 # ---------------------------------------------------------------- manifest and validation

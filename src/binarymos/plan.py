@@ -78,7 +78,6 @@ class ModelCounts:
     student: int
     trainable: int
     binarized: int          # sum of in * out over the binarized linears
-    block_teacher: int
     block_student: int
     block_trainable: int
     root_student: int       # outside the decoder blocks: embeddings, final norm, LM head
@@ -115,7 +114,7 @@ def count(config, num_experts: int = 4) -> ModelCounts:
     return ModelCounts(
         teacher=numel(teacher), student=numel(student), trainable=sum(p.numel() for p in trainable),
         binarized=len(blocks) * sum(i * o for i, o in linears),
-        block_teacher=max(numel(b) for b in decoder_blocks(teacher)[1]), block_student=numel(block),
+        block_student=numel(block),
         block_trainable=sum(p.numel() for p in block.parameters() if p in trainable),
         root_student=numel(student) - sum(numel(b) for b in blocks), linears=linears, layers=len(blocks),
         hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),

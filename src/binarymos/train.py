@@ -25,7 +25,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -43,7 +42,7 @@ from . import distributed
 from .convert import BinaryMoSConfig, binarize, decoder_blocks
 from .data import DEFAULT_DATA, DataError, documents, leading_bos, token_blocks
 from .kernels import triton_available
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, move_into_place
 from .nn import BinaryMoSLinear
 from .synth import as_blocks, prompt_windows, split_data, teacher_tokens
 
@@ -91,7 +90,7 @@ class TrainConfig:
     lr_weight: float | None = None  # latent weights
     lr_scale: float | None = None   # scaling experts, router, biases
     weight_decay: float | None = None
-    warmup: float | None = None     # fraction of the steps
+    warmup: float | None = None     # fraction of the steps (of the time, with max_minutes)
     kl_weight: float = 1.0
     hidden_weight: float | None = None
     kl_reduction: str | None = None  # "token": mean over tokens; "batchmean": sum / batch size
@@ -832,7 +831,9 @@ def train(cfg: TrainConfig):
     if env.distributed:
         from .footprint import load_config
 
-        env = replace(env, strategy=choose_strategy(cfg, load_config(cfg.model), env))
+        with distributed.main_first(env):  # rank 0 converts a .gguf; the others then read its config
+            config = load_config(cfg.model, builtin=False)
+        env = replace(env, strategy=choose_strategy(cfg, config, env))
     out, log_path = Path(cfg.out), Path(cfg.out) / "log.jsonl"
     found = distributed.latest_checkpoint(out)
     if cfg.resume and found is None:
@@ -974,6 +975,4 @@ def save_model(student, tokenizer, directory: Path, state_dict: dict | None = No
     tmp = directory.with_name(directory.name + ".tmp")
     student.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    move_into_place(tmp, directory)

@@ -31,7 +31,7 @@ from .triton_kernels import _mix, _partial_logits, _round, interpreting
 
 BLOCK_M, BLOCK_D = 32, 128  # rows x columns per program of the forward pass
 BACKWARD_BLOCK_M, BACKWARD_BLOCK_D = 128, 64  # rows per program, columns per step of the backward pass
-BACKWARD_COLUMNS = 64  # columns per program of the backward pass (a multiple of BLOCK_D); 0: the whole row
+BACKWARD_COLUMNS = 64  # columns per program of the backward pass (a multiple of BACKWARD_BLOCK_D); 0: the whole row
 
 
 @triton.jit
