@@ -52,8 +52,9 @@ def resolve(name: str) -> Path | str:
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
-    """The finished directory ``tmp`` becomes ``out``. An ``out`` already there is renamed aside first and removed
-    only once the new one is in place, so a kill at any moment leaves the old directory or the new one."""
+    """The finished directory ``tmp`` becomes ``out``. An ``out`` already there is renamed aside (OUT.old-*) first
+    and removed only once the new one is in place, so a kill at any moment leaves the old directory, under one of
+    its two names, or the new one."""
     if out.exists():
         old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
         os.rename(out, old)
