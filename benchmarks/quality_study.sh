@@ -12,7 +12,7 @@
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
 #                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bwN, lr2,
-#                                   # lr05, hid3, norms, alltext, graphs, cache, anneal10, anneal25 or xnoiseN, joined by +: lanes-alone below)
+#                                   # lr05, hid3, norms, alltext, teachN, graphs, cache, anneal10, anneal25 or xnoiseN, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
@@ -298,7 +298,10 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # once before the first step (--cache-teacher), anneal10 and anneal25
     # --blockwise-anneal 0.1 and 0.25 (each block's input handed from the teacher's to its own over that share of
     # the budget after the block-wise quarter), xnoiseN --expert-init-noise N/100 (the experts' initial scales
-    # spread by N %, where the paper starts them equal); NAME may join several with +
+    # spread by N %, where the paper starts them equal), teachN all the real text and N sequences the teacher
+    # wrote, 256 at once (sampled before the clock starts and cached on disk: not in the run's budget; 1.05 M
+    # tokens in 274 s in session 7);
+    # NAME may join several with +
     # (graphs+e1: E=1 with CUDA graphs); batch 8,
     # no checkpointing, --bf16-compute, plus $TRAIN_ARGS (EVAL_WINDOWS shortens the evaluations of screening runs)
     python -c "from binarymos.models import loadable; loadable('$M')"
@@ -322,6 +325,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             hid3) extra+=" --hidden-weight 3" ;;
             norms) extra+=" --train-norms" ;;
             alltext) extra+=" --data c4_wiki,calib" ;;
+            teach[0-9]*) extra+=" --data teacher+c4_wiki,calib --teacher-samples ${part#teach} --teacher-batch-size 256" ;;
             graphs) extra+=" --cuda-graphs" ;;
             cache) extra+=" --cache-teacher" ;;
             anneal10 | anneal25) extra+=" --blockwise-anneal 0.${part#anneal}" ;;
