@@ -139,7 +139,8 @@ def binarize(model: nn.Module, config: BinaryMoSConfig | None = None, from_weigh
 
 
 def _inside_binarized(block: nn.Module, name: str) -> bool:
-    """True for a binarized layer itself or any module inside one (its router)."""
+    """True for a binarized layer itself or any module inside one: a child of a linear layer this binarize has
+    just replaced (binarize refuses a model binarized before, so no other binarized layer is there)."""
     parts = name.split(".") if name else []
     return any(isinstance(block.get_submodule(".".join(parts[:i])), (BinaryMoSLinear, SignLinear))
                for i in range(1, len(parts) + 1))
