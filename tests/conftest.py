@@ -32,7 +32,7 @@ MORE_TINY = {
     "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128}, "stablelm": {}, "cohere": {},
     "smollm3": {}, "glm": {"head_dim": 16}, "helium": {"head_dim": 16}, "exaone4": {}, "seed_oss": {"head_dim": 16},
     "gptj": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, "rotary_dim": 8},
-    "bloom": {"n_head": 2, "n_layer": 2},
+    "bloom": {"n_head": 2, "n_layer": 2}, "ministral": {"head_dim": 16}, "ministral3": {},
 }
 
 

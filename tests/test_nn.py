@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from binarymos import BinaryMoSLinear, SignLinear
-from binarymos.nn import PackedBinaryMoSLinear
+from binarymos.nn import PackedBinaryMoSLinear, token_scales
 
 
 def formula(x, weight, router, scale_in, scale_out, bias=None):
@@ -43,6 +43,18 @@ def test_gates_are_a_float32_softmax_even_for_half_inputs():
     gates = layer.gates(torch.randn(7, 24, dtype=torch.bfloat16))
     assert gates.dtype == torch.float32
     torch.testing.assert_close(gates.sum(-1), torch.ones(7))
+
+
+def test_token_scales_mix_the_experts_by_the_gates_and_one_expert_needs_no_router():
+    torch.manual_seed(0)
+    x, router, scale_in, scale_out = torch.randn(3, 5, 8), torch.randn(4, 8), torch.rand(4, 8), torch.rand(4, 6)
+    gates = torch.softmax(x.double() @ router.double().T, dim=-1)
+    s_in, s_out = token_scales(x, router, scale_in, scale_out)
+    assert (s_in.shape, s_out.shape, s_in.dtype) == ((3, 5, 8), (3, 5, 6), torch.float32)
+    torch.testing.assert_close(s_in.double(), gates @ scale_in.double())
+    torch.testing.assert_close(s_out.double(), gates @ scale_out.double())
+    s_in, s_out = token_scales(x.half(), None, scale_in[:1], scale_out[:1])
+    assert s_in.dtype == torch.float16 and torch.equal(s_in, scale_in[0].half()) and torch.equal(s_out, scale_out[0].half())
 
 
 def test_sign_of_zero_is_plus_one():

@@ -142,6 +142,7 @@ def test_plan_command_says_whether_it_fits(capsys):
     assert cli.main(["plan", "--config", "llama-2-70b", "--gpus", "8", "--gpu-memory", "141GB"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
     assert parse_bytes("80GB") == 80 * GB and parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes("141") == 141 * 10**9 and parse_bytes("141000MB") == 141 * 10**9  # a bare number is GB
     assert cli.main(["plan", "--config", "llama-2-7b", "--gpu-memory", "lots"]) == 2
 
 

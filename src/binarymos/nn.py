@@ -41,6 +41,21 @@ def sign_ste(weight: torch.Tensor, clip: float = 1.0) -> torch.Tensor:
     return _SignSTE.apply(weight, clip)
 
 
+def gate_scores(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """Router gating scores G = softmax(x W_R) in float32, shape (..., E), for a router weight (E, in)."""
+    return torch.softmax(F.linear(x, router.to(x.dtype)).float(), dim=-1)
+
+
+def token_scales(x: torch.Tensor, router: torch.Tensor | None, scale_in: torch.Tensor,
+                 scale_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-adaptive scales s_in (..., in) and s_out (..., out) in x's dtype: the experts' scales (E, in) and
+    (E, out) mixed by the gates in float32. One expert (OneBit) needs no router: its scales are the vectors."""
+    if scale_in.shape[0] == 1:
+        return scale_in[0].to(x.dtype), scale_out[0].to(x.dtype)
+    g = gate_scores(x, router)
+    return (g @ scale_in.float()).to(x.dtype), (g @ scale_out.float()).to(x.dtype)
+
+
 def leading_singular_pair(matrix: torch.Tensor, iters: int = 100, tol: float = 1e-7):
     """u, v with matrix ~= outer(u, v): the rank-1 SVD term, each side carrying sqrt(sigma_0).
 
@@ -115,15 +130,10 @@ class BinaryMoSLinear(nn.Module):
         return layer
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Router gating scores G = softmax(x W_R) in float32, shape (..., E)."""
-        return torch.softmax(self.router(x).float(), dim=-1)
+        return gate_scores(x, self.router.weight)
 
     def token_scales(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token-adaptive scales s_in (..., in) and s_out (..., out), in x's dtype."""
-        if self.num_experts == 1:
-            return self.scale_in[0].to(x.dtype), self.scale_out[0].to(x.dtype)
-        g = self.gates(x)
-        return (g @ self.scale_in.float()).to(x.dtype), (g @ self.scale_out.float()).to(x.dtype)
+        return token_scales(x, self.router.weight, self.scale_in, self.scale_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one expert: vector scales, whose autograd ops are cheap (the fused layer measured 10 % slower there);

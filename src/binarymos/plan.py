@@ -174,12 +174,13 @@ def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, te
 
 
 def parse_bytes(text: str) -> int:
-    """'80GB' (10^9), '80GiB' (2^30) or a plain number of GB."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*(GB|GiB|G)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"--gpu-memory: {text!r} is not like 80GB or 80GiB")
-    unit = 2**30 if (match.group(2) or "").lower() == "gib" else GB
-    return int(float(match.group(1)) * unit)
+    """A GPU's memory as `pack.parse_size` reads sizes ('80GB', '80GiB', '141000MB'), a plain number being GB."""
+    from .pack import parse_size
+
+    try:
+        return parse_size(f"{text}GB" if re.fullmatch(r"\s*[0-9.]+\s*", text) else text)
+    except ValueError:
+        raise ValueError(f"--gpu-memory: {text!r} is not like 80GB or 80GiB") from None
 
 
 def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int = 80 * GB,

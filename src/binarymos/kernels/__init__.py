@@ -45,22 +45,14 @@ def binary_mos_linear(x: torch.Tensor, packed_weight: torch.Tensor, router: torc
     return binary_mos_linear_reference(x, packed_weight, router, scale_in, scale_out, bias)
 
 
-def _token_scales(x, router, scale_in, scale_out) -> tuple[torch.Tensor, torch.Tensor]:
-    """s_in and s_out of every token, in x's dtype (the gates in float32)."""
-    if scale_in.shape[0] == 1:
-        return scale_in[0].to(x.dtype), scale_out[0].to(x.dtype)
-    g = torch.softmax(F.linear(x, router.to(x.dtype)).float(), dim=-1)
-    return (g @ scale_in.float()).to(x.dtype), (g @ scale_out.float()).to(x.dtype)
-
-
 def binary_mos_linear_reference(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
                                 scale_in: torch.Tensor, scale_out: torch.Tensor,
                                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """The formula of SPEC.md on the unpacked signs, in x's dtype (the kernels' ground truth). The signs are unpacked
     UNPACK_CHUNK at a time (whole output rows), so no call holds the layer's whole weight in x's dtype."""
-    from ..nn import unpack_signs
+    from ..nn import token_scales, unpack_signs
 
-    s_in, s_out = _token_scales(x, router, scale_in, scale_out)
+    s_in, s_out = token_scales(x, router, scale_in, scale_out)
     xs, steps = x * s_in, _row_steps(len(packed_weight), x.shape[-1], UNPACK_CHUNK)
     y = xs.new_empty(*xs.shape[:-1], len(packed_weight))
     for start in steps:
@@ -135,9 +127,9 @@ def binary_mos_linear_lut(x: torch.Tensor, packed_weight: torch.Tensor, router: 
     wider); then y[o] = sum_g table[g, packed[o, g]], one lookup per 8 signs. xs = x * s_in is rounded to x's
     dtype first and y after, as the reference and the kernels round them. The lookups go LUT_CHUNK at a time, or
     compiled (CPU_COMPILE)."""
-    from ..nn import byte_signs
+    from ..nn import byte_signs, token_scales
 
-    s_in, s_out = _token_scales(x, router, scale_in, scale_out)
+    s_in, s_out = token_scales(x, router, scale_in, scale_out)
     out_features, groups = packed_weight.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     xs = F.pad((x * s_in).reshape(-1, x.shape[-1]).to(acc), (0, 8 * groups - x.shape[-1]))
