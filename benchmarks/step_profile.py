@@ -42,7 +42,6 @@ def main() -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from binarymos import train as train_mod
     from binarymos.footprint import load_config
     from binarymos.plan import count, estimate
 

@@ -35,6 +35,19 @@ MORE_TINY = {
     "bloom": {"n_head": 2, "n_layer": 2}, "ministral": {"head_dim": 16}, "ministral3": {},
 }
 
+# mixture-of-experts families (transformers' 3-D experts layout): plain, with a shared expert and its gate,
+# transposed with biases and its own gating function, a first dense block
+MOE_TINY = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                "layer_types": ["full_attention", "sliding_attention"]},
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16, "q_lora_rank": None},
+}
+
 
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
@@ -44,7 +57,7 @@ def tiny_config(model_type: str, **overrides):
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if model_type == "gpt2":
         kwargs = dict(vocab_size=128, bos_token_id=1, eos_token_id=2)
-    kwargs.update({**TINY, **MORE_TINY}.get(model_type, {}), **overrides)
+    kwargs.update({**TINY, **MORE_TINY, **MOE_TINY}.get(model_type, {}), **overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
 

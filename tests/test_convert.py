@@ -77,13 +77,13 @@ def test_a_layer_it_cannot_convert_is_a_clear_error():
         binarize(model)
 
 
-def test_mixture_of_experts_weights_are_refused():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    moe = AutoConfig.for_model("mixtral", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
-    with pytest.raises(UnsupportedModelError, match="cannot convert"):
-        binarize(AutoModelForCausalLM.from_config(moe))
+def test_weights_of_an_unknown_three_dimensional_layout_are_refused():
+    """A 3-D weight that is not transformers' experts layout (no ``use_experts_implementation`` marks)."""
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.experts = nn.Module()
+    model.model.layers[1].mlp.experts.down_proj = nn.Parameter(torch.zeros(2, 8, 8))
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers\.1\.mlp\.experts: Module holds a \(2, 8, 8\) weight"):
+        binarize(model)
 
 
 def test_a_model_without_decoder_blocks_is_a_clear_error():

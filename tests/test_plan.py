@@ -35,16 +35,21 @@ def activation_bytes(saved: dict, model) -> int:
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
 
-@pytest.fixture(scope="module")
-def step():
-    """A tiny LLaMA (GQA, SDPA) distilled one AdamW step in float32 on the CPU, with autograd's saved bytes."""
-    config = tiny_config("llama")
+def small(model_type: str, **kw):
+    """A small config of ``model_type`` with SDPA attention, its dimensions large enough to weigh the terms."""
+    config = tiny_config(model_type, **kw)
     config.update(dict(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
                        vocab_size=256))
     config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
+    return config
+
+
+def one_loss(config):
+    """A student of ``config`` (E scaling experts), its parameter groups trainable, and one distillation loss in
+    float32 on the CPU: (student, groups, loss, the bytes autograd saved for its backward)."""
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     student = binarize(copy.deepcopy(teacher), BinaryMoSConfig(num_experts=E)).requires_grad_(False)
     cfg = TrainConfig(num_experts=E)
@@ -56,10 +61,18 @@ def step():
         t_out = teacher(input_ids=ids, output_hidden_states=True)
     with recording_saved() as saved:
         loss, _ = distillation_loss(student(input_ids=ids, output_hidden_states=True), t_out, cfg)
+    return student, groups, loss, activation_bytes(saved, student)
+
+
+@pytest.fixture(scope="module")
+def step():
+    """A tiny LLaMA (GQA, SDPA) distilled one AdamW step in float32 on the CPU, with autograd's saved bytes."""
+    config = small("llama")
+    student, groups, loss, saved = one_loss(config)
     loss.backward()
     optimizer = torch.optim.AdamW(groups)
     optimizer.step()
-    return config, student, optimizer, activation_bytes(saved, student)
+    return config, student, optimizer, saved
 
 
 def saved_under_autocast(student, cfg) -> int:
@@ -114,6 +127,21 @@ def test_activations_are_within_15_percent_of_what_autograd_saves(step):
     terms = estimate(count(config, E), gpus=1, seq_len=L, batch=B, a=4, teacher_bytes=4)["terms"]
     student_logits = B * L * config.vocab_size * 4  # of the planner's logits term, the one autograd saves
     planned = terms["activations"] + terms["hidden"] + student_logits
+    assert abs(planned - measured) / measured < 0.15, (planned, measured)
+
+
+@pytest.mark.parametrize("arch, moe", [
+    ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2)),
+    ("qwen2_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                       shared_expert_intermediate_size=192)),  # with a shared expert
+])
+def test_a_mixture_of_experts_activations_are_within_15_percent_of_what_autograd_saves(arch, moe):
+    """Each expert sees a quarter of the tokens here (2 of 8); counted as if it saw them all, the experts' terms
+    would be four times too large."""
+    config = small(arch, **moe)
+    measured = one_loss(config)[3]
+    terms = estimate(count(config, E), gpus=1, seq_len=L, batch=B, a=4, teacher_bytes=4)["terms"]
+    planned = terms["activations"] + terms["hidden"] + B * L * config.vocab_size * 4
     assert abs(planned - measured) / measured < 0.15, (planned, measured)
 
 

@@ -1,5 +1,6 @@
 """`binarize(model, config)`: replace every linear layer inside the decoder blocks of a Hugging
-Face causal LM with a binarized one, in place. Embeddings, norms and the LM head stay as they are.
+Face causal LM with a binarized one, in place. Embeddings, norms and the LM head stay as they are;
+so do the routers of mixture-of-experts blocks, whose experts' matrices are binarized one by one.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .nn import BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear
+from .nn import BinarizedExperts, BinaryMoSLinear, PackedBinaryMoSLinear, SignLinear
 
 METHODS = ("mos", "sign")
 
@@ -118,15 +119,19 @@ def binarize(model: nn.Module, config: BinaryMoSConfig | None = None, from_weigh
     blocks_name, blocks = decoder_blocks(model)
     for block_index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{block_index}"
+        routers = _routers(block)
         for name, module in list(block.named_modules()):
             full_name = f"{prefix}.{name}" if name else prefix
-            if _inside_binarized(block, name) or any(
+            if name in routers or _inside_binarized(block, name) or any(
                     fnmatch.fnmatch(full_name, pattern) for pattern in config.modules_to_not_convert):
                 continue
+            parent_name, _, child = name.rpartition(".")
             linear = _as_linear(module)
             if linear is not None:
-                parent_name, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent_name), child, _make_layer(linear, config, from_weights))
+                continue
+            if _is_fused_experts(module):
+                setattr(block.get_submodule(parent_name), child, _binarized_experts(module, config, from_weights))
                 continue
             own_matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
             if own_matrices:
@@ -139,11 +144,55 @@ def binarize(model: nn.Module, config: BinaryMoSConfig | None = None, from_weigh
 
 
 def _inside_binarized(block: nn.Module, name: str) -> bool:
-    """True for a binarized layer itself or any module inside one: a child of a linear layer this binarize has
-    just replaced (binarize refuses a model binarized before, so no other binarized layer is there)."""
+    """True for a binarized layer itself or any module inside one: a child of a linear layer or experts module
+    this binarize has just replaced (binarize refuses a model binarized before, so no other is there)."""
     parts = name.split(".") if name else []
-    return any(isinstance(block.get_submodule(".".join(parts[:i])), (BinaryMoSLinear, SignLinear))
+    return any(isinstance(block.get_submodule(".".join(parts[:i])), (BinaryMoSLinear, SignLinear, BinarizedExperts))
                for i in range(1, len(parts) + 1))
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts block's experts in transformers' 3-D layout (marked by ``use_experts_implementation``,
+    which sets ``has_gate``): ``gate_up_proj`` (or ``up_proj``) and ``down_proj`` of shape (experts, out, in),
+    or (experts, in, out) where ``is_transposed``."""
+    if not hasattr(module, "has_gate") or not hasattr(module, "_apply_gate"):
+        return False
+    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return all(isinstance(p, torch.Tensor) and p.dim() == 3 for p in (up, down))
+
+
+def _routers(block: nn.Module) -> set[str]:
+    """Names (within the block) of the modules beside fused experts whose weight has as many rows as there are
+    experts, or one (a shared expert's gate): the routers, which stay in full precision."""
+    names = set()
+    for name, experts in block.named_modules():
+        if _is_fused_experts(experts):
+            parent_name = name.rpartition(".")[0]
+            for child_name, child in block.get_submodule(parent_name).named_children():
+                weight = getattr(child, "weight", None)
+                if child is not experts and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                        and weight.shape[0] in (experts.down_proj.shape[0], 1):
+                    names.add(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return names
+
+
+def _binarized_experts(experts: nn.Module, config: BinaryMoSConfig, from_weights: bool) -> BinarizedExperts:
+    """Each expert's matrices as binarized layers (views of the 3-D tensors as ``nn.Linear``)."""
+    def layers(name: str) -> list[nn.Module]:
+        weight = getattr(experts, name).detach()
+        bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
+        out = []
+        for i in range(weight.shape[0]):
+            w = weight[i].T if experts.is_transposed else weight[i]
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias[i].detach(), requires_grad=False)
+            out.append(_make_layer(linear, config, from_weights))
+        return out
+
+    return BinarizedExperts(experts, layers("gate_up_proj" if experts.has_gate else "up_proj"), layers("down_proj"))
 
 
 def binarized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -231,6 +231,44 @@ class SignLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class BinarizedExperts(nn.Module):
+    """The experts of a mixture-of-experts block (not BinaryMoS's scaling experts) with each expert's two matrices
+    a binarized layer: ``up[i]`` (gate and up projections, or the up projection alone) and ``down[i]``.
+
+    Transformers keeps a block's experts as 3-D tensors in one module (``gate_up_proj``, ``down_proj``: the
+    ``use_experts_implementation`` layout). This takes its place and computes what transformers' generic experts
+    forward computes, one expert at a time, so that each matrix is an ordinary layer to train, pack and run with
+    the kernels. The routing stays the block's own (its router is kept in full precision and picks
+    ``top_k_index`` and ``top_k_weights``); the replaced module's activation, gating function (``_apply_gate``),
+    post-expert norm and plain attributes are kept.
+    """
+
+    def __init__(self, experts: nn.Module, up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        for key, value in vars(experts).items():  # has_gate, has_bias, config, a gating function's constants ...
+            if not key.startswith("_") and not hasattr(self, key) and not isinstance(value, torch.Tensor):
+                setattr(self, key, value)
+        for key, module in experts.named_children():  # the activation, a post-expert norm
+            self.add_module(key, module)
+        self.gate_function = type(experts)._apply_gate
+        self.up, self.down = nn.ModuleList(up), nn.ModuleList(down)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        for expert in top_k_index.unique().tolist():
+            if expert >= len(self.down):  # a sentinel: the slot is dropped
+                continue
+            token, slot = torch.where(top_k_index == expert)
+            h = self.up[expert](hidden_states[token])
+            h = self.gate_function(self, h) if self.has_gate else self.act_fn(h)
+            h = self.down[expert](h)
+            if getattr(self, "has_post_expert_norm", False):
+                h = self.post_expert_norm(h)
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).float())
+        return out.to(hidden_states.dtype)
+
+
 def pack_signs(weight: torch.Tensor) -> torch.Tensor:
     """Signs of an (out, in) weight packed 8 per byte along the input dimension -> uint8 (out, ceil(in/8)).
 

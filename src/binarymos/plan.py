@@ -39,14 +39,18 @@ builds its activations, and zero_grad(set_to_none=True) frees the gradients betw
 every term at once, as this planner first did, was 20.6 % above the measured peak of FSDP2 at the
 LLaMA-2-7B shape (docs/SCALING.md).
 
-    A = r * (3h + i)                     block inputs of attention, o_proj, MLP and down_proj
+    A = 3r * h                           block inputs of attention, o_proj and the MLP
       + sum over linears of a * (in + out) + 4E
                                           x*s_in as the matmul's input (a), the matmul's output (a),
                                           gates (E > 1); autograd of the plain formula (``--compile all``
                                           traces it) also keeps s_in and s_out: (r + a) * (in + out) + 4E
       + 8h                                two RMSNorms in float32
       + a * (2h + 2kv) + 4 * heads        attention (flash/SDPA): q, k, v, output, log-sum-exp
-      + 3r * i                            MLP: gate output, its SiLU, up output
+      + 4r * i                            MLP: down_proj's input, gate output, its SiLU, up output
+
+In a mixture of experts each expert's linears count at the share of the tokens the router sends it
+(num_experts_per_tok / experts), and the MLP term is, per expert, that share of 4r * i_e + 2r * h (its
+gathered input and weighted output), plus 4r * i_s for a shared expert.
 
 r is the width of the student's residual stream and of what is computed from it outside the matmuls.
 Under FSDP2 the student computes with bf16 copies of its parameters: r = a. In one process its
@@ -81,10 +85,10 @@ class ModelCounts:
     block_student: int
     block_trainable: int
     root_student: int       # outside the decoder blocks: embeddings, final norm, LM head
-    linears: tuple          # (in, out) of one block's binarized linears
+    linears: tuple          # (in, out, share of the tokens it sees) of one block's binarized linears
     layers: int
     hidden: int
-    intermediate: int
+    mlp: float              # widths the MLP keeps per token beyond its matmuls (count(); 4 * intermediate if dense)
     kv: int                 # key/value width: kv heads * head dim
     heads: int
     vocab: int
@@ -96,7 +100,7 @@ def count(config, num_experts: int = 4) -> ModelCounts:
     from transformers import AutoModelForCausalLM
 
     from .convert import BinaryMoSConfig, binarize, decoder_blocks
-    from .nn import BinaryMoSLinear
+    from .nn import BinarizedExperts, BinaryMoSLinear
     from .train import TrainConfig, param_groups
 
     numel = lambda module: sum(p.numel() for p in module.parameters())
@@ -107,27 +111,42 @@ def count(config, num_experts: int = 4) -> ModelCounts:
     trainable = {p for g in param_groups(student, TrainConfig(num_experts=num_experts)) for p in g["params"]}
     blocks = decoder_blocks(student)[1]
     block = max(blocks, key=numel)
-    linears = tuple((m.in_features, m.out_features) for m in block.modules() if isinstance(m, BinaryMoSLinear))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # a mixture's expert sees num_experts_per_tok / (its experts) of the tokens, on average
+    mixtures = [(name, m) for name, m in block.named_modules() if isinstance(m, BinarizedExperts)]
+    share = {id(layer): getattr(text, "num_experts_per_tok", 1) / len(experts.down)
+             for _, experts in mixtures for layer in (*experts.up, *experts.down)}
+    linears = tuple((m.in_features, m.out_features, share.get(id(m), 1.0))
+                    for m in block.modules() if isinstance(m, BinaryMoSLinear))
+    # down_proj's input, the gate's output, its SiLU and the up output
+    mlp = 4 * getattr(text, "intermediate_size", 4 * text.hidden_size)
+    if mixtures:  # each chosen expert: those four of its own width, its gathered input and weighted output
+        mlp = sum(share[id(down)] * (4 * down.in_features + 2 * down.out_features)
+                  for _, experts in mixtures for down in experts.down)
+        mlp += sum(4 * m.in_features for name, experts in mixtures  # a shared expert's down projection
+                   for m in block.get_submodule(name.rpartition(".")[0]).modules()
+                   if isinstance(m, BinaryMoSLinear) and id(m) not in share
+                   and m.out_features == text.hidden_size != m.in_features)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelCounts(
         teacher=numel(teacher), student=numel(student), trainable=sum(p.numel() for p in trainable),
-        binarized=len(blocks) * sum(i * o for i, o in linears),
+        binarized=len(blocks) * sum(i * o for i, o, _ in linears),
         block_student=numel(block),
         block_trainable=sum(p.numel() for p in block.parameters() if p in trainable),
         root_student=numel(student) - sum(numel(b) for b in blocks), linears=linears, layers=len(blocks),
-        hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        hidden=text.hidden_size, mlp=mlp,
         kv=(getattr(text, "num_key_value_heads", None) or heads) * head_dim, heads=heads, vocab=text.vocab_size,
         num_experts=num_experts)
 
 
 def activation_bytes_per_token_layer(c: ModelCounts, a: int = 2, r: int = 2, fused_layer: bool = True) -> int:
     """A: bytes autograd keeps per token per decoder layer for the backward (see the module docstring)."""
-    h, i, e = c.hidden, c.intermediate, c.num_experts
+    h, e = c.hidden, c.num_experts
     scales = r if e > 1 and not fused_layer else 0  # s_in and s_out: E = 1's are parameters, not activations
-    linears = sum((scales + a) * (n_in + n_out) + (4 * e if e > 1 else 0) for n_in, n_out in c.linears)
-    return r * (3 * h + i) + linears + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads + 3 * r * i
+    linears = sum(share * ((scales + a) * (n_in + n_out) + (4 * e if e > 1 else 0))
+                  for n_in, n_out, share in c.linears)
+    return 3 * r * h + round(r * c.mlp + linears) + 8 * h + a * (2 * h + 2 * c.kv) + 4 * c.heads
 
 
 def estimate(c: ModelCounts, gpus: int, seq_len: int, batch: int, a: int = 2, teacher_bytes: int = 2,

@@ -43,7 +43,7 @@ from .convert import BinaryMoSConfig, binarize, decoder_blocks
 from .data import DEFAULT_DATA, DataError, documents, leading_bos, token_blocks
 from .kernels import triton_available
 from .models import DEFAULT_MODEL, load_model, move_into_place
-from .nn import BinaryMoSLinear
+from .nn import BinarizedExperts, BinaryMoSLinear
 from .synth import as_blocks, prompt_windows, split_data, teacher_tokens
 
 RECIPES = {
@@ -727,6 +727,9 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
     blocks = [token_blocks(tokenizer, docs, cfg.seq_len, bos)] if real else []
     torch.manual_seed(cfg.seed)
     student = binarize(copy.deepcopy(teacher), cfg.binarization(), from_weights=env.is_main)
+    if cfg.cuda_graphs and any(isinstance(m, BinarizedExperts) for m in student.modules()):
+        raise ValueError("cuda_graphs: a mixture of experts picks each expert's tokens on the host, which a CUDA "
+                         "graph cannot hold; train without --cuda-graphs")
     for layer in student.modules():
         if isinstance(layer, BinaryMoSLinear):
             layer.ste_clip = cfg.ste_clip
@@ -973,6 +976,10 @@ def save_model(student, tokenizer, directory: Path, state_dict: dict | None = No
     getattr(student, "activation_checkpointing_disable", student.gradient_checkpointing_disable)()
     student.config.use_cache = True
     tmp = directory.with_name(directory.name + ".tmp")
-    student.save_pretrained(tmp, state_dict=state_dict)
+    # the tensors under the names the binarized model has: transformers would write some families' checkpoint
+    # names (Mixtral's block_sparse_moe), which it maps back only when it loads the weights itself
+    as_named = {"save_original_format": False} \
+        if "save_original_format" in inspect.signature(student.save_pretrained).parameters else {}
+    student.save_pretrained(tmp, state_dict=state_dict, **as_named)
     tokenizer.save_pretrained(tmp)
     move_into_place(tmp, directory)
