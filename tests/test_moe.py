@@ -144,3 +144,13 @@ def test_cuda_graphs_are_refused_for_a_mixture_of_experts_before_any_step(text_f
     with pytest.raises(ValueError, match="cuda_graphs: a mixture of experts picks each expert's tokens on the host"):
         prepare(moe_run(text_file, tmp_path, cuda_graphs=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_analyze_chooses_layers_that_see_the_whole_text_and_refuses_an_experts_layer():
+    from binarymos.analyze import choose_layers
+
+    model = binarized(tiny_moe("mixtral"))
+    assert list(choose_layers(model, None)) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert list(choose_layers(model, "*.0.self_attn.o_proj")) == ["model.layers.0.self_attn.o_proj"]
+    with pytest.raises(ValueError, match="names layers of a mixture's experts"):
+        choose_layers(model, "*.experts.up.1")

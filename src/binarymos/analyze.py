@@ -20,7 +20,7 @@ import torch
 
 from .convert import binarized_layers, decoder_blocks
 from .data import leading_bos
-from .nn import BinaryMoSLinear
+from .nn import BinarizedExperts, BinaryMoSLinear
 
 DEFAULT_TEXT = "The capital of France is Paris, a city known for its art, its food and the Eiffel Tower."
 CHANNELS = 24  # channels drawn per scale panel: those whose per-token scale varies most
@@ -40,8 +40,12 @@ def _pyplot():
 
 def choose_layers(model, layers: str | None) -> dict[str, BinaryMoSLinear]:
     """Name -> layer. ``layers``: comma-separated block indices (each block's first binarized layer) or
-    fnmatch patterns of layer names; default: the first binarized layer of the first, middle and last block."""
-    found = {n: m for n, m in binarized_layers(model).items() if isinstance(m, BinaryMoSLinear)}
+    fnmatch patterns of layer names; default: the first binarized layer of the first, middle and last block.
+    A mixture's expert layers are left out: each sees only the tokens routed to it, not the text's."""
+    routed = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, BinarizedExperts)
+              for part in ("up", "down")}
+    every = {n: m for n, m in binarized_layers(model).items() if isinstance(m, BinaryMoSLinear)}
+    found = {n: m for n, m in every.items() if n.rpartition(".")[0] not in routed}
     if not found:
         raise ValueError("analyze: the model has no BinaryMoS layers (a sign baseline or a full-precision model?)")
     blocks_name, blocks = decoder_blocks(model)
@@ -55,6 +59,9 @@ def choose_layers(model, layers: str | None) -> dict[str, BinaryMoSLinear]:
             names = [n for n in found if n.startswith(prefix)][:1]
         else:
             names = [n for n in found if fnmatch.fnmatch(n, item)]
+        if not names and any(fnmatch.fnmatch(n, item) for n in every):
+            raise ValueError(f"analyze: {item!r} names layers of a mixture's experts, which see only the tokens "
+                             "routed to them; choose attention or dense layers")
         if not names:
             raise ValueError(f"analyze: no BinaryMoS layer matches {item!r}")
         chosen.update({n: found[n] for n in names})
