@@ -42,10 +42,9 @@ def choose_layers(model, layers: str | None) -> dict[str, BinaryMoSLinear]:
     """Name -> layer. ``layers``: comma-separated block indices (each block's first binarized layer) or
     fnmatch patterns of layer names; default: the first binarized layer of the first, middle and last block.
     A mixture's expert layers are left out: each sees only the tokens routed to it, not the text's."""
-    routed = {f"{name}.{part}" for name, m in model.named_modules() if isinstance(m, BinarizedExperts)
-              for part in ("up", "down")}
+    routed = {id(layer) for m in model.modules() if isinstance(m, BinarizedExperts) for layer in m.layers()}
     every = {n: m for n, m in binarized_layers(model).items() if isinstance(m, BinaryMoSLinear)}
-    found = {n: m for n, m in every.items() if n.rpartition(".")[0] not in routed}
+    found = {n: m for n, m in every.items() if id(m) not in routed}
     if not found:
         raise ValueError("analyze: the model has no BinaryMoS layers (a sign baseline or a full-precision model?)")
     blocks_name, blocks = decoder_blocks(model)

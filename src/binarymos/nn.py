@@ -253,6 +253,10 @@ class BinarizedExperts(nn.Module):
         self.gate_function = type(experts)._apply_gate
         self.up, self.down = nn.ModuleList(up), nn.ModuleList(down)
 
+    def layers(self) -> list[nn.Module]:
+        """Every expert's binarized layers: each sees only the tokens routed to its expert."""
+        return [*self.up, *self.down]
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)

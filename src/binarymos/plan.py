@@ -115,7 +115,7 @@ def count(config, num_experts: int = 4) -> ModelCounts:
     # a mixture's expert sees num_experts_per_tok / (its experts) of the tokens, on average
     mixtures = [(name, m) for name, m in block.named_modules() if isinstance(m, BinarizedExperts)]
     share = {id(layer): getattr(text, "num_experts_per_tok", 1) / len(experts.down)
-             for _, experts in mixtures for layer in (*experts.up, *experts.down)}
+             for _, experts in mixtures for layer in experts.layers()}
     linears = tuple((m.in_features, m.out_features, share.get(id(m), 1.0))
                     for m in block.modules() if isinstance(m, BinaryMoSLinear))
     # down_proj's input, the gate's output, its SiLU and the up output

@@ -978,8 +978,6 @@ def save_model(student, tokenizer, directory: Path, state_dict: dict | None = No
     tmp = directory.with_name(directory.name + ".tmp")
     # the tensors under the names the binarized model has: transformers would write some families' checkpoint
     # names (Mixtral's block_sparse_moe), which it maps back only when it loads the weights itself
-    as_named = {"save_original_format": False} \
-        if "save_original_format" in inspect.signature(student.save_pretrained).parameters else {}
-    student.save_pretrained(tmp, state_dict=state_dict, **as_named)
+    student.save_pretrained(tmp, state_dict=state_dict, save_original_format=False)
     tokenizer.save_pretrained(tmp)
     move_into_place(tmp, directory)
