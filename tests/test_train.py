@@ -640,9 +640,17 @@ def test_teacher_cache_is_refused_where_it_cannot_stand_in_for_the_teacher(tmp_p
         TrainConfig(cache_teacher=True, compile="teacher", blockwise=0)
 
 
-def test_cache_teacher_trains_what_the_teachers_forward_trains(teacher_dir, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_cache_teacher_trains_what_the_teachers_forward_trains(arch, teacher_dir, text_file, tmp_path, monkeypatch):
     """A whole run, block-wise, annealed and end to end: the same losses with the cache as without, and the cache's
-    size in the run's settings; a cache the host has no room for is refused."""
+    size in the run's settings; a cache the host has no room for is refused. Gemma too: sliding-window layers,
+    embeddings scaled inside the model, a `<bos>` before every block."""
+    if arch != "llama":
+        from pack_helpers import tiny_lm, tiny_tokenizer
+
+        teacher_dir = tmp_path / arch
+        tiny_lm(arch).save_pretrained(teacher_dir)
+        tiny_tokenizer().save_pretrained(teacher_dir)
     for cached in (False, True):
         train(cfg(teacher_dir, text_file, tmp_path / f"cached-{cached}", max_steps=8, blockwise=0.25,
                   blockwise_anneal=0.25, cache_teacher=cached))
