@@ -10,7 +10,7 @@ read HBM as decoding a whole model does.
     PYTHONPATH=src python benchmarks/linear_latency.py --out docs/linear_latency.md
     PYTHONPATH=src python benchmarks/linear_latency.py --sweep   # time tile configs, print the best
 
---sweep times, per shape and M, the CUDA LUT kernel's block shapes and the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16; first the
+--sweep times, per shape and M, the one-token GEMV's tiles (M = 1), the decode tiles (M <= 16; first the
 default tile with PDL off and on, --decode-configs 2 for those alone) and the prefill's PREP_BLOCK_M (M > 16). At M = 1 each GEMV tile runs with the router inline (ROUTER_INLINE=1:
 one launch) and as a launch of its own (ROUTER_INLINE=0, with and without PDL), the default tile also
 with other inline router steps (ROUTER_BLOCK_K); the summary gives the best of each way.
@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from binarymos.kernels import binary_mos_linear_reference
-from binarymos.kernels.cuda_lut import LUT_CONFIGS
 from binarymos.kernels.triton_kernels import GEMV_SWEEP, binary_mos_linear_triton, decode_config, gemv_config
 from binarymos.nn import BinaryMoSLinear
 
@@ -191,26 +190,18 @@ PREP_BLOCK_M_SWEEP = [1, 4, 8, 16]  # rows per program of the prefill's prep ker
 ROUTER_BLOCK_K_SWEEP = [1024, 4096]  # inline router steps tried on the default GEMV tile besides its own
 
 
-def one_token_sweep(in_f: int, out_f: int) -> list[dict]:
-    """The M = 1 configs: the CUDA LUT kernel's block shapes; the GEMV's default tile, then every GEMV tile with the
-    router inline and as its own launch (PDL off, on), the default tile with other inline router steps; and the mma
-    decode kernel's default."""
+def gemv_sweep(in_f: int, out_f: int) -> list[dict]:
+    """The M = 1 configs: every GEMV tile with the router inline and as its own launch (PDL off, on), the
+    default tile with other inline router steps, and the mma decode kernel's default."""
     default = gemv_config(out_f, in_f, torch.float16)
-    return ([dict(c) for c in LUT_CONFIGS] + [dict(default, variant="GEMV default")]
-            + [dict(c, ROUTER_INLINE=1) for c in GEMV_SWEEP]
+    return ([dict(c, ROUTER_INLINE=1) for c in GEMV_SWEEP]
             + [dict(c, ROUTER_INLINE=0, PDL=pdl) for c in GEMV_SWEEP for pdl in (0, 1)]
             + [dict(default, ROUTER_INLINE=1, ROUTER_BLOCK_K=b) for b in ROUTER_BLOCK_K_SWEEP]
             + [decode_config(1, out_f, in_f)])
 
 
 def variant(cfg: dict) -> str:
-    """How an M = 1 config computes: the summary's best per variant compares them."""
-    if "variant" in cfg:
-        return cfg["variant"]
-    if "SPLITS" in cfg:
-        return "CUDA LUT, cluster (1 launch)"
-    if "CHUNK" in cfg:
-        return "CUDA LUT (router launch + PDL)"
+    """How an M = 1 config gets its gates: the summary's best per variant compares them."""
     if "BLOCK_G" in cfg:
         return "mma decode kernel"
     if cfg.get("ROUTER_INLINE"):
@@ -218,11 +209,10 @@ def variant(cfg: dict) -> str:
     return "router launch + PDL" if cfg.get("PDL") else "router launch, no PDL"
 
 
-def sweep(shapes, ms, device, decode_configs: int | None = None, variants: str | None = None) -> list[tuple]:
+def sweep(shapes, ms, device, decode_configs: int | None = None) -> list[tuple]:
     """CUDA-graph time and error of every tile config, per shape and M; returns (shape, M, config, us) rows.
     For 2 <= M <= 16: the default tile with PDL off and on, then DECODE_SWEEP's tiles (PDL off), the first
-    ``decode_configs`` of these (None: all). At M = 1, ``variants``: only configs whose variant name contains one
-    of these comma-separated words."""
+    ``decode_configs`` of these (None: all)."""
     rows = []
     for in_f, out_f in shapes:
         for m in ms:
@@ -232,14 +222,10 @@ def sweep(shapes, ms, device, decode_configs: int | None = None, variants: str |
             ref = reference64(x, layer)
             prefill = [{"PREP_BLOCK_M": b} for b in PREP_BLOCK_M_SWEEP]
             decode = [dict(decode_config(m, out_f, in_f), PDL=pdl) for pdl in (0, 1)] + DECODE_SWEEP
-            configs = [c for c in one_token_sweep(in_f, out_f)
-                       if not variants or any(v in variant(c) for v in variants.split(","))]
-            for cfg in configs if m == 1 else decode[:decode_configs] if m <= 16 else prefill:
-                run_cfg = {k: v for k, v in cfg.items() if k != "variant"}
+            for cfg in gemv_sweep(in_f, out_f) if m == 1 else decode[:decode_configs] if m <= 16 else prefill:
                 try:
-                    us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, run_cfg), graph=True)
-                    err = ((binary_mos_linear_triton(x, **layer, config=run_cfg).double() - ref).norm()
-                           / ref.norm()).item()
+                    us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
+                    err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()
                 except Exception as e:  # a tile too large for the shared memory, say
                     print(f"  {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                     continue
@@ -281,9 +267,6 @@ def main(argv=None) -> int:
     p.add_argument("--m", default=None, help="token counts to time, comma-separated (default 1,16,256,2048)")
     p.add_argument("--sweep", action="store_true", help="time the tile configs instead, print the best per shape")
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--variants", default=None,
-                   help="--sweep at M = 1: only configs whose variant contains one of these comma-separated words "
-                        "(e.g. 'LUT,default')")
     p.add_argument("--decode-configs", type=int, default=None,
                    help="--sweep at 2 <= M <= 16: time only the first N configs (2: the default tile, PDL off and on)")
     args = p.parse_args(argv)
@@ -295,7 +278,7 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else PAPER_SHAPES
     ms = [int(v) for v in args.m.split(",")] if args.m else TIMED_M
     if args.sweep:
-        rows = sweep(shapes, ms, device, args.decode_configs, args.variants)
+        rows = sweep(shapes, ms, device, args.decode_configs)
         for key in sorted({(s, m) for s, m, _, _ in rows}):
             sel = [r for r in rows if (r[0], r[1]) == key]
             best = min(sel, key=lambda r: r[-1])

@@ -7,8 +7,7 @@ stores it (signs packed 8 per byte along the input, least significant bit first,
     y = ((x * s_in) @ B.T) * s_out + bias
 
 On CUDA with Triton installed it runs the fused kernels of ``binarymos.kernels.triton_kernels`` for
-fp16 and bf16 activations (imported on first use, so CPU users never need Triton), one token through the
-CUDA LUT kernel of ``binarymos.kernels.cuda_lut`` where NVRTC compiles it; everywhere else,
+fp16 and bf16 activations (imported on first use, so CPU users never need Triton); everywhere else,
 float32 on CUDA too, it runs the same formula in plain PyTorch: on the CPU for up to LUT_MAX_TOKENS
 tokens through a table of each byte's signed sums (``binary_mos_linear_lut``; compiled lookups with
 BINARYMOS_CPU_COMPILE=1), else on the unpacked signs. With one expert the router may be None: the

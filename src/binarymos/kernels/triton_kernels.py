@@ -16,8 +16,7 @@ decode (M <= 16 tokens)
        keeps its shape) against the activations at inputs 8g + j. The last program of a column
        block to finish sums the K shares and applies s_out = G @ scale_out and the bias.
 
-one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise decode above): on a GPU where
-NVRTC compiles it, the CUDA LUT kernel of ``binarymos.kernels.cuda_lut`` (unless BINARYMOS_LUT=0); else
+one token (M == 1, rows of whole int32 words: ceil(in / 8) % 4 == 0; otherwise decode above)
     1. ``_router_kernel`` as above with 2048-input chunks (E > 1 and config ROUTER_INLINE=0 only).
     2. ``_gemv_kernel``: a sign-flip GEMV on the CUDA cores, no tensor cores. A packed row is read
        as int32 words, word c holding inputs 32c..32c+31; the scaled activations of a word are
@@ -60,8 +59,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from .cuda_lut import lut_gemv, lut_gemv_ready
 
 DECODE_MAX_M = 16
 ROUTER_BLOCK_K = 512  # inputs per program of the decode router launch
@@ -834,17 +831,6 @@ def _prefill(x2, packed_weight, router, scale_in, scale_out, bias, y, cfg, commo
         BLOCK_N=SCALE_BLOCK_N, **common)
 
 
-def lut_wanted(x2, packed_weight, config, *params) -> bool:
-    """One token through the CUDA LUT kernel (``cuda_lut``): where it can run, unless BINARYMOS_LUT=0 asks for
-    the Triton GEMV; a config naming ROWS asks for it, and it must run then."""
-    if config is None and os.environ.get("BINARYMOS_LUT", "1") == "0":
-        return False
-    why_not = lut_gemv_ready(x2, packed_weight, *params)
-    if why_not and config is not None:
-        raise RuntimeError(f"binary_mos_linear: the CUDA LUT kernel cannot run: {why_not}")
-    return why_not is None
-
-
 def interpreting() -> bool:
     """Whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1): no PTX, bf16 rounded by hand."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -867,10 +853,6 @@ def _launch(x, packed_weight, router, scale_in, scale_out, bias, config=None, ou
         return y.reshape(*x.shape[:-1], N)
     interpret = interpreting()
     common = dict(E=E, E_P=triton.next_power_of_2(E), HAS_BIAS=bias is not None)
-    if M == 1 and (config is None or "ROWS" in config) and lut_wanted(x2, packed_weight, config, router, scale_in,
-                                                                       scale_out, bias):
-        lut_gemv(x2, packed_weight, router, scale_in, scale_out, bias, y, _locks_for(x.device), config)
-        return y.reshape(*x.shape[:-1], N)
     if M == 1 and gemv_applies(packed_weight) and (config is None or "BLOCK_W" in config):
         for kernel, grid, args, kwargs in gemv_launches(x2, packed_weight, router, scale_in, scale_out, bias, y,
                                                         config or gemv_config(N, in_features, x.dtype), interpret):
