@@ -142,6 +142,32 @@ def test_train_cache_teacher_builds_the_cache_and_a_resume_may_leave_it_out(teac
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["cache_teacher"] is False
 
 
+def test_a_model_whose_weights_file_is_cut_short_is_a_one_line_error(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    broken = shutil.copytree(teacher_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    code, _, err = run(capsys, "generate", str(broken), "hello", "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"binarymos: error: {broken}: cannot load a model (")
+
+
+@pytest.mark.parametrize("damage", [b"not a checkpoint\n", None])  # another file; a checkpoint cut short
+def test_resuming_from_a_damaged_checkpoint_is_a_one_line_error_that_keeps_the_file(damage, teacher_dir, text_file,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", str(teacher_dir), "--data", str(text_file), "--seq-len", "32",
+               "--batch-size", "2", "--max-steps", "2", "--device", "cpu", "--out", str(out))[0] == 0
+    checkpoint = out / "checkpoint.pt"
+    damaged = damage or checkpoint.read_bytes()[:1000]
+    checkpoint.write_bytes(damaged)
+    code, _, err = run(capsys, "train", "--out", str(out), "--resume")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{checkpoint}: not a readable checkpoint (" in err
+    assert checkpoint.read_bytes() == damaged and (out / "model").is_dir()  # nothing saved is touched
+
+
 def test_train_options_given_tells_a_default_given_on_purpose_from_one_left_out():
     from binarymos.cli import _train_options_given
 

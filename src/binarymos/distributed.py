@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import pickle
 import shutil
 import sys
 import warnings
@@ -195,9 +196,17 @@ def latest_checkpoint(out: Path) -> tuple[Path, int] | None:
     """(path, step) of the newest complete checkpoint of a run: ``checkpoint.pt`` or a DCP directory."""
     found = [(int(d.name.split("-")[1]), d) for d in (out / "checkpoints").glob("step-*") if d.suffix != ".tmp"]
     if (out / "checkpoint.pt").exists():
-        state = torch.load(out / "checkpoint.pt", map_location="cpu", mmap=True, weights_only=True)
-        found.append((state["step"], out / "checkpoint.pt"))
+        found.append((read_checkpoint(out / "checkpoint.pt", mmap=True)["step"], out / "checkpoint.pt"))
     return max(found)[::-1] if found else None
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A plain checkpoint.pt; one that is cut short or not a checkpoint is a one-line error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(err).strip().splitlines()[0]}); "
+                         "move it away to start the run afresh, or restore it") from err
 
 
 def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env, seconds: float = 0.0) -> None:
@@ -237,7 +246,7 @@ def load_checkpoint(path: Path, student, optimizer, cfg, env: Env) -> tuple[int,
         set_state_dict(student, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=TRAINABLE)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         saved = dict(state["config"], world_size=1, step=state["step"], seconds=state.get("seconds", 0.0))
         if not env.distributed:
             student.load_state_dict(state["trainable"], strict=False)

@@ -136,6 +136,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
 
     On the meta device: the architecture only, no weights read (FSDP ranks receive theirs from rank 0).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = loadable(name)
@@ -147,7 +148,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             model = _load_binarized(source, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # SafetensorError: a weights file cut short or not safetensors
         raise ModelNotFoundError(f"{name}: cannot load a model ({str(err).splitlines()[0]})") from err
     return model.to(device), AutoTokenizer.from_pretrained(str(source))
 
