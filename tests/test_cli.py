@@ -73,6 +73,10 @@ def test_eval_sign_of_a_packed_model_is_a_one_line_error(tmp_path, capsys):
     (["train", "--data", "/no/such/text.txt", "--max-steps", "1"], "no such file"),
     (["train", "-E", "0"], "num_experts must be an integer >= 1"),
     (["train", "--resume", "--out", "/tmp/binarymos-no-such-run"], "no checkpoint"),
+    (["train", "--lr-weight", "nan", "--max-steps", "1"], "lr_weight, lr_scale, grad_clip must be > 0"),
+    (["train", "--kl-weight", "-1", "--max-steps", "1"], "must be >= 0 (all finite)"),
+    (["train", "--warmup", "2", "--max-steps", "1"], "warmup a fraction in [0, 1]"),
+    (["train", "--ste-clip", "nan", "--max-steps", "1"], "ste_clip > 0"),
 ])
 def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
     if argv[0] == "train" and "--model" not in argv:
@@ -166,6 +170,18 @@ def test_resuming_from_a_damaged_checkpoint_is_a_one_line_error_that_keeps_the_f
     assert code == 2 and err.count("\n") == 1
     assert f"{checkpoint}: not a readable checkpoint (" in err
     assert checkpoint.read_bytes() == damaged and (out / "model").is_dir()  # nothing saved is touched
+
+
+def test_train_into_a_finished_run_without_its_checkpoint_is_refused(teacher_dir, text_file, tmp_path, capsys):
+    """The model and log of a run whose checkpoint.pt is gone are not overwritten by a new run."""
+    options = ["--model", str(teacher_dir), "--data", str(text_file), "--seq-len", "32", "--batch-size", "2",
+               "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert run(capsys, "train", *options)[0] == 0
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    saved = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    code, _, err = run(capsys, "train", *options)
+    assert code == 2 and err.count("\n") == 1 and "holds a run already" in err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == saved
 
 
 def test_train_options_given_tells_a_default_given_on_purpose_from_one_left_out():

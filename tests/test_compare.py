@@ -89,6 +89,36 @@ def test_bad_input_is_one_line_error(argv, message, teacher_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and err.startswith("binarymos: error: ") and message in err
 
 
+@pytest.mark.parametrize("option", [["--parallel", "-1"], ["--parallel", "0"], ["--threads", "0"],
+                                    ["--deadline", "0"], ["--deadline", "nan"]])
+def test_compare_refuses_slots_threads_and_deadlines_that_run_nothing(option, teacher_dir, tmp_path, capsys):
+    """--parallel -1 waited forever for a free slot; a deadline of 0 or NaN started nothing and exited 0."""
+    code = main(["compare", "--model", str(teacher_dir), "--max-tokens", "10", "--out", str(tmp_path / "c"), *option])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--parallel and --threads must be >= 1" in err
+
+
+def test_compare_into_an_earlier_comparison_is_refused_and_keeps_it(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text('{"earlier": true}')
+    code = main(["compare", "--model", str(teacher_dir), "--max-tokens", "10", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a comparison already" in err
+    assert (out / "compare.json").read_text() == '{"earlier": true}'
+
+
+def test_compare_with_failed_runs_writes_its_table_and_exits_2(teacher_dir, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("binarymos.compare.run_jobs", lambda jobs, *a, **k: {name: (1, 0.5) for name, _ in jobs})
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(teacher_dir), "--methods", "fp,mos2", "--max-tokens", "10",
+                 "--data", str(text_file), "--device", "cpu", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "failed (exit 1)" in captured.out
+    assert captured.err.count("\n") == 1 and "2 of 2 runs failed (fp, mos2)" in captured.err
+    assert {r["status"] for r in json.loads((out / "compare.json").read_text())["runs"].values()} == {"failed (exit 1)"}
+
+
 def test_bad_train_args_of_compare_are_one_line_errors(teacher_dir, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["compare", "--model", str(teacher_dir), "--max-tokens", "10", "--train-args=--no-such-option"])

@@ -150,6 +150,14 @@ def _edit_config(**changes):
     return edit
 
 
+def _set_quantization_config(value):
+    def edit(d):
+        config = json.loads((d / "config.json").read_text())
+        config["quantization_config"] = value
+        (d / "config.json").write_text(json.dumps(config))
+    return edit
+
+
 CORRUPTIONS = {
     "flipped byte": (_flip_byte, r"model\.safetensors: tensor model\.layers\.1\.mlp\.down_proj\.packed_weight "
                                  r"is corrupted"),
@@ -159,6 +167,10 @@ CORRUPTIONS = {
     "mismatched experts": (_edit_config(num_experts=3), r"model\.safetensors: tensor model\.layers\.0\.\S+ "
                                                         r"has shape \[2, \d+\], config\.json implies \[3, \d+\]"),
     "no manifest": (lambda d: (d / "manifest.json").unlink(), r"manifest\.json: missing"),
+    # a pack whose config lost its quantization_config must not load as a float model with fresh weights
+    "no quantization_config": (_set_quantization_config(None), r"config\.json: its binarymos quantization_config is "
+                                                               r"missing or damaged"),
+    "quantization_config a string": (_set_quantization_config("x"), r"quantization_config is missing or damaged"),
     "stray shard": (lambda d: shutil.copy(d / "model.safetensors", d / "model-extra.safetensors"),
                     r"model-extra\.safetensors: not listed in manifest\.json"),
 }
@@ -179,6 +191,34 @@ def test_cli_reports_damage_in_one_line(good_pack, tmp_path, capsys):
     assert cli.main(["generate", str(directory), "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "down_proj.packed_weight is corrupted" in err
+
+
+def test_cli_reports_a_library_error_from_a_damaged_header_in_one_line(good_pack, tmp_path, capsys):
+    """A byte of the safetensors header changed so that a tensor entry loses its offsets: the KeyError raised deep
+    in the loading is one line naming it, exit 2."""
+    directory = shutil.copytree(good_pack, tmp_path / "damaged")
+    path = directory / "model.safetensors"
+    path.write_bytes(path.read_bytes().replace(b'"data_offsets"', b'"data_offsetz"', 1))
+    assert cli.main(["generate", str(directory), "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("binarymos: error: KeyError: 'data_offsets' (BINARYMOS_DEBUG=1")
+
+
+def test_pack_refuses_to_overwrite_its_own_source(tmp_path, capsys):
+    source = _save_hf(tiny_model("llama"), tmp_path / "fp")
+    before = sorted(p.name for p in source.iterdir())
+    for out in (source, tmp_path):  # the source itself, and a directory holding it
+        assert cli.main(["pack", str(source), "--out", str(out), "-E", "2", "--overwrite"]) == 2
+        assert "--overwrite would delete it" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_pack_overwrite_replaces_a_file(tmp_path):
+    source = _save_hf(tiny_model("llama"), tmp_path / "fp")
+    out = tmp_path / "out"
+    out.write_text("a file")
+    assert cli.main(["pack", str(source), "--out", str(out), "-E", "2", "--overwrite"]) == 0
+    assert binarymos.load(out, device="cpu") is not None and sorted(p.name for p in tmp_path.iterdir()) == ["fp", "out"]
 
 
 def _save_hf(model, directory):

@@ -222,9 +222,14 @@ def _cmd_compare(args) -> None:
     runs = {m: method_options(m) for m in _csv(args.methods)}
     if not runs:
         raise ValueError("compare: --methods names no method")
+    if (args.parallel is not None and args.parallel < 1) or args.threads < 1 or not args.deadline > 0:
+        raise ValueError("compare: --parallel and --threads must be >= 1, and --deadline > 0 seconds")
+    if (Path(args.out) / "compare.json").exists():
+        raise FileExistsError(f"{args.out} holds a comparison already (compare.json): choose another --out")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shared = ["--device", device] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    budget = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else ["--max-minutes", str(args.max_minutes)]
+    budget = (["--max-tokens", str(args.max_tokens)] if args.max_tokens is not None
+              else ["--max-minutes", str(args.max_minutes)])
     train_args = ["--data", args.data, *budget, "--seed", str(args.seed)] + shared
     train_args += shlex.split(args.train_args)
     eval_args = ["--ppl", ",".join(args.ppl), "--eval-seq-len", str(args.eval_seq_len)] + shared
@@ -242,6 +247,10 @@ def _cmd_compare(args) -> None:
     report = study(runs, args.model, train_args, eval_args, args.out, args.ppl, device,
                    args.parallel or max(1, len(gpus)), args.threads, gpus, args.deadline)
     print(table(report))
+    failed = [name for name, run in report["runs"].items() if run["status"].startswith("failed")]
+    if failed:  # the table and compare.json are written: the error says where to look
+        raise RuntimeError(f"compare: {len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); their logs are "
+                           f"{Path(args.out) / '<run>.log'}")
 
 
 def _cmd_analyze(args) -> None:
@@ -477,10 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("binarymos: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001  bad input of any kind (a damaged file can fail deep in a library)
         if os.environ.get("BINARYMOS_DEBUG"):  # the full traceback, for bug reports
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if not message or not isinstance(err, (ValueError, OSError, RuntimeError, ImportError)):
+            # raised deep in a library (a KeyError from a damaged header, say): name it, and where to look
+            message = f"{type(err).__name__}{': ' if message else ''}{message} (BINARYMOS_DEBUG=1 shows where)"
         code = getattr(err, "exit_code", 2)  # a run stopped by SIGTERM is not an error: 143, as a killed process
         print(f"binarymos: {'error: ' if code == 2 else ''}{message}", file=sys.stderr)
         return code

@@ -59,7 +59,7 @@ def move_into_place(tmp: Path, out: Path) -> None:
         old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
         os.rename(out, old)
         os.rename(tmp, out)
-        shutil.rmtree(old)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()  # --overwrite may replace a file
     else:
         os.rename(tmp, out)
 

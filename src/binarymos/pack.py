@@ -172,6 +172,8 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
+    if Path(source).exists() and Path(source).resolve().is_relative_to(out.resolve()):
+        raise FileExistsError(f"{out} is or holds the source {source}: --overwrite would delete it; choose another --out")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     model, tokenizer, trained = _binarized(source, num_experts, method)
@@ -468,12 +470,15 @@ def check_tensors(directory: Path, headers: dict[str, dict], model: nn.Module, q
 
 
 def is_packed(path: str | os.PathLike) -> bool:
-    """True for a directory whose config.json declares a binarymos quantization_config."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == QUANT_METHOD
+    """True for a directory whose config.json declares a binarymos quantization_config, or that holds a binarymos
+    manifest (a pack whose config was damaged: loading it then says what is wrong, instead of reading the directory
+    as a full-precision model with fresh weights)."""
+    directory = Path(path)
+    if (directory / MANIFEST).is_file():
+        return True
+    config = _json_object(directory / "config.json") or {}
+    quant = config.get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
 
 
 # ---------------------------------------------------------------- loading
@@ -494,7 +499,10 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     if not is_packed(directory):
         raise PackFormatError(f"{directory}: not a packed binarymos directory (no binarymos quantization_config "
                               "in config.json); make one with `binarymos pack`")
-    quant = json.loads((directory / "config.json").read_text())["quantization_config"]
+    quant = (_json_object(directory / "config.json") or {}).get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+        raise PackFormatError(f"{directory / 'config.json'}: its binarymos quantization_config is missing or damaged "
+                              f"(a packed directory: {MANIFEST} is there)")
     try:
         qconfig = BinaryMoSQuantConfig.from_dict(quant)
     except PackFormatError as err:

@@ -144,6 +144,13 @@ class TrainConfig:
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        rates = {"lr_weight": self.lr_weight, "lr_scale": self.lr_scale, "grad_clip": self.grad_clip}
+        weights = {"weight_decay": self.weight_decay, "kl_weight": self.kl_weight, "hidden_weight": self.hidden_weight,
+                   "router_init_std": self.router_init_std, "expert_init_noise": self.expert_init_noise}
+        if not all(math.isfinite(v) and v > 0 for v in rates.values()) or \
+                not all(math.isfinite(v) and v >= 0 for v in weights.values()) or not 0 <= self.warmup <= 1:
+            raise ValueError(f"{', '.join(rates)} must be > 0, {', '.join(weights)} must be >= 0 (all finite), and "
+                             f"warmup a fraction in [0, 1]; got {dict(rates, **weights, warmup=self.warmup)}")
         if self.kl_reduction not in ("token", "batchmean"):
             raise ValueError(f"kl_reduction must be 'token' or 'batchmean', got {self.kl_reduction!r}")
         if self.strategy not in STRATEGIES:
@@ -160,7 +167,7 @@ class TrainConfig:
             raise ValueError("max_minutes must be > 0")
         if any(budget is not None and budget < 1 for budget in (self.max_steps, self.max_tokens)) or self.epochs <= 0:
             raise ValueError("max_steps and max_tokens must be >= 1, and epochs > 0")
-        if self.teacher_temperature < 0 or self.ste_clip <= 0 or (self.teacher_seq_len or 2) < 2:
+        if not (self.teacher_temperature >= 0 and self.ste_clip > 0) or (self.teacher_seq_len or 2) < 2:  # NaN too
             raise ValueError("teacher_temperature must be >= 0, ste_clip > 0 and teacher_seq_len >= 2")
         if self.teacher_prompt_len < 0:
             raise ValueError("teacher_prompt_len must be >= 0")
@@ -841,7 +848,7 @@ def train(cfg: TrainConfig):
     found = distributed.latest_checkpoint(out)
     if cfg.resume and found is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if not cfg.resume and found is not None:
+    if not cfg.resume and (found is not None or (out / "model").exists() or log_path.exists()):
         raise FileExistsError(f"{out} holds a run already: pass --resume to continue it or choose another --out")
     if cfg.resume:
         check_resumable(cfg)
