@@ -91,6 +91,16 @@ def sigterm_during_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train_mod, "distillation_loss", loss_then_signal)
 
 
+def exit_status(argv: list[str]) -> int:
+    """What `binarymos ARGV` exits with: main's return value, or argparse's own exit (SystemExit) for bad options."""
+    from binarymos.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
 def tiny_model(model_type: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

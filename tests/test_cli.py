@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
-from conftest import killed_after_first_checkpoint, sigterm_during_step
+from conftest import exit_status, killed_after_first_checkpoint, sigterm_during_step
 
 from binarymos.cli import main
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
+    code = exit_status(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -71,7 +71,18 @@ def test_eval_sign_of_a_packed_model_is_a_one_line_error(tmp_path, capsys):
     (["eval", "--model", "/no/such/model.gguf"], "no such file or directory"),
     (["train", "--data", "nosuchdata", "--max-steps", "1"], "unknown data"),
     (["train", "--data", "/no/such/text.txt", "--max-steps", "1"], "no such file"),
-    (["train", "-E", "0"], "num_experts must be an integer >= 1"),
+    (["train", "-E", "0"], "argument --num-experts/-E: must be an integer >= 1, got '0'"),
+    (["pack", "m", "--out", "o", "-E", "0"], "argument --num-experts/-E: must be an integer >= 1"),  # was E=4
+    (["eval", "--eval-windows", "0"], "argument --eval-windows: must be an integer >= 1"),
+    (["eval", "--eval-windows", "-1"], "argument --eval-windows: must be an integer >= 1"),
+    (["eval", "--eval-seq-len", "1"], "argument --eval-seq-len: must be an integer >= 2"),  # was perplexity nan
+    (["eval", "--ppl", ""], "argument --ppl: names no evaluation set"),  # did nothing, exit 0
+    (["generate", "m", "hi", "--temperature", "nan"], "argument --temperature: must be a finite number"),
+    (["generate", "m", "hi", "--top-p", "inf"], "argument --top-p: must be a finite number"),
+    (["plan", "--config", "llama-7b", "--gpu-memory", "0GB"], "--gpu-memory: the size '0GB' is not > 0"),
+    (["plan", "--config", "llama-7b", "--gpu-memory", "lots"], "--gpu-memory: cannot read the size 'lots'"),
+    (["analyze", "run", "--out", "o", "--text", " "], "analyze: --text is empty"),
+    (["eval", "--device", "cuda:99"], "--device cuda:99: this machine has"),
     (["train", "--resume", "--out", "/tmp/binarymos-no-such-run"], "no checkpoint"),
     (["train", "--lr-weight", "nan", "--max-steps", "1"], "lr_weight, lr_scale, grad_clip must be > 0"),
     (["train", "--kl-weight", "-1", "--max-steps", "1"], "must be >= 0 (all finite)"),
@@ -170,6 +181,30 @@ def test_resuming_from_a_damaged_checkpoint_is_a_one_line_error_that_keeps_the_f
     assert code == 2 and err.count("\n") == 1
     assert f"{checkpoint}: not a readable checkpoint (" in err
     assert checkpoint.read_bytes() == damaged and (out / "model").is_dir()  # nothing saved is touched
+
+
+@pytest.mark.parametrize("settings, message", [(None, "train_config.json is missing or empty, so the run's settings "
+                                                       "are unknown"),
+                                               ("[4]", "train_config.json: not a run's settings (a JSON object")])
+def test_resuming_a_run_without_readable_settings_is_a_one_line_error(settings, message, teacher_dir, text_file,
+                                                                      tmp_path, capsys):
+    """Without its train_config.json a resumed run took every default, the default model's too."""
+    out = tmp_path / "run"
+    assert run(capsys, "train", "--model", str(teacher_dir), "--data", str(text_file), "--seq-len", "32",
+               "--batch-size", "2", "--max-steps", "2", "--device", "cpu", "--out", str(out))[0] == 0
+    config = out / "train_config.json"
+    config.unlink() if settings is None else config.write_text(settings)
+    saved = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = run(capsys, "train", "--out", str(out), "--resume", "--max-steps", "3")
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
+
+
+def test_a_model_whose_config_is_not_json_is_a_one_line_error_naming_it(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", ')
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "m"), "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'm'}: cannot load a model (Expecting" in err
 
 
 def test_train_into_a_finished_run_without_its_checkpoint_is_refused(teacher_dir, text_file, tmp_path, capsys):

@@ -120,6 +120,13 @@ def test_local_files(tmp_path):
     assert documents(paths) == ["hello world", "one", "two", "three"]
 
 
+def test_a_binary_file_as_text_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(b"\x80\x81\xff" * 10)
+    with pytest.raises(DataError, match=r"weights\.txt: not UTF-8 text \(byte 0: invalid start byte\)"):
+        documents(str(path))
+
+
 def test_token_blocks_join_documents_with_eos():
     tok = tiny_tokenizer()
     blocks = token_blocks(tok, ["ab", "cde"], seq_len=3)

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import exit_status
 from pack_helpers import binarized, decode, encode, packed_dir, reference, tiny_lm
 
 from binarymos import cli
@@ -57,11 +58,18 @@ def test_sampling_is_seeded(packed, capsys):
     assert runs[0] == runs[1] and len(runs[0]) > 1
 
 
-@pytest.mark.parametrize("args, message", [(["--top-p", "0"], "top-p"), (["--max-new-tokens", "0"], "max-new-tokens")])
+@pytest.mark.parametrize("args, message", [(["--top-p", "0"], "top-p"), (["--temperature", "-1"], "--temperature >= 0"),
+                                           (["--max-new-tokens", "0"], "max-new-tokens")])
 def test_bad_arguments(packed, capsys, args, message):
-    assert cli.main(["generate", str(packed[1]), PROMPT, *args]) == 2
+    assert exit_status(["generate", str(packed[1]), PROMPT, *args]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_an_empty_prompt_without_a_start_token_is_a_one_line_error(packed, capsys):
+    assert cli.main(["generate", str(packed[1]), "", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the prompt is empty and this tokenizer adds no start token" in err
 
 
 def test_missing_model(tmp_path, capsys):

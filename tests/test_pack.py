@@ -204,13 +204,19 @@ def test_cli_reports_a_library_error_from_a_damaged_header_in_one_line(good_pack
     assert err.count("\n") == 1 and err.startswith("binarymos: error: KeyError: 'data_offsets' (BINARYMOS_DEBUG=1")
 
 
-def test_pack_refuses_to_overwrite_its_own_source(tmp_path, capsys):
+def test_pack_refuses_to_overwrite_its_own_source(tmp_path, capsys, monkeypatch):
     source = _save_hf(tiny_model("llama"), tmp_path / "fp")
     before = sorted(p.name for p in source.iterdir())
     for out in (source, tmp_path):  # the source itself, and a directory holding it
         assert cli.main(["pack", str(source), "--out", str(out), "-E", "2", "--overwrite"]) == 2
         assert "--overwrite would delete it" in capsys.readouterr().err
     assert sorted(p.name for p in source.iterdir()) == before
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # `--out .` would pack into the current directory's place
+    assert cli.main(["pack", str(source), "--out", ".", "-E", "2", "--overwrite"]) == 2
+    assert "is or holds the current directory: --overwrite would delete it" in capsys.readouterr().err
+    assert work.is_dir() and not any(work.iterdir())
 
 
 def test_pack_overwrite_replaces_a_file(tmp_path):
@@ -219,6 +225,19 @@ def test_pack_overwrite_replaces_a_file(tmp_path):
     out.write_text("a file")
     assert cli.main(["pack", str(source), "--out", str(out), "-E", "2", "--overwrite"]) == 0
     assert binarymos.load(out, device="cpu") is not None and sorted(p.name for p in tmp_path.iterdir()) == ["fp", "out"]
+
+
+@pytest.mark.parametrize("option, message", [({"num_experts": 0}, "num_experts must be an integer >= 1"),
+                                             ({"max_shard_size": 0}, "the size 0 is not > 0"),
+                                             ({"max_shard_size": "0GB"}, "the size '0GB' is not > 0")])
+def test_pack_refuses_zero_experts_and_empty_shards(option, message, tmp_path):
+    """pack(num_experts=0) packed E=4 (0 read as left out); a shard size of 0 failed only after binarizing."""
+    from binarymos.pack import pack
+
+    source = _save_hf(tiny_model("llama"), tmp_path / "fp")
+    with pytest.raises(ValueError, match=message):
+        pack(str(source), tmp_path / "out", **option)
+    assert not (tmp_path / "out").exists()
 
 
 def _save_hf(model, directory):
@@ -271,6 +290,9 @@ def test_pack_writes_a_model_card(tmp_path):
     card = (pack(str(run), tmp_path / "packed") / "README.md").read_text()
     assert "in windows of 2048 tokens, the first 40 of each set" in card and "| model | wikitext2 | c4 |" in card
     assert "| BinaryMoS (E=2) trained | 68.06 | 1,093.89 |" in card
+    (run / "results.json").write_text(json.dumps({"eval_seq_len": 2048, "perplexity": results}))  # edited by hand
+    card = (pack(str(run), tmp_path / "packed", overwrite=True) / "README.md").read_text()
+    assert "in windows of 2048 tokens, every window the protocol takes of each set" in card
     (run / "results.json").write_text(json.dumps(results))  # as written before the windows were recorded
     card = (pack(str(run), tmp_path / "packed", overwrite=True) / "README.md").read_text()
     assert "on windows it did not record" in card and "| BinaryMoS (E=2) trained | 68.06 | 1,093.89 |" in card

@@ -76,6 +76,19 @@ def test_gguf_copies_are_kept_per_transformers_version_and_old_gemma_conversions
     assert models.gguf_conversion_warning("llama", "5.17.0") is None
 
 
+def test_a_gguf_cut_short_is_a_one_line_error_naming_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    from binarymos.cli import main
+
+    monkeypatch.setenv("BINARYMOS_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic and version, then nothing
+    assert main(["eval", "--model", str(gguf), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{gguf}: not a readable GGUF model, cut short or damaged?" in err
+    assert gguf.read_bytes() == b"GGUF\x03\x00\x00\x00" and not (tmp_path / "cache" / "gguf").exists()
+
+
 def test_a_gguf_another_process_converted_first_is_kept(tmp_path, monkeypatch):
     """Two processes (torchrun's ranks, compare's jobs) may dequantize the same .gguf at once: the one that finds
     the other's copy in place when it renames its own keeps that copy and removes its own."""

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,10 +18,32 @@ def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= low (-E 0, --eval-windows 0 ran and misled instead of stopping)."""
+    def parse(value: str) -> int:
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", value) or int(value) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value!r}")
+        return int(value)
+    return parse
+
+
+def _finite(value: str) -> float:
+    """An argparse type: a finite number (float() reads 'nan' and 'inf', which then pass every comparison test)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
 def _ppl_sets(value: str) -> list[str]:
     from .data import EVAL_SETS
 
     sets = _csv(value)
+    if not sets:
+        raise argparse.ArgumentTypeError("names no evaluation set: use wikitext2, c4 or both")
     unknown = [s for s in sets if s not in EVAL_SETS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown evaluation set {unknown[0]!r}: use {', '.join(EVAL_SETS)}")
@@ -29,8 +53,10 @@ def _ppl_sets(value: str) -> list[str]:
 def _add_eval_args(p: argparse.ArgumentParser, default_sets: str) -> None:
     p.add_argument("--ppl", type=_ppl_sets, default=_csv(default_sets),
                    help=f"perplexity sets, comma-separated: wikitext2,c4 (default: {default_sets or 'none'})")
-    p.add_argument("--eval-seq-len", type=int, default=2048, help="perplexity window length (default 2048)")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows of each set")
+    p.add_argument("--eval-seq-len", type=_int_at_least(2), default=2048,
+                   help="perplexity window length (default 2048)")
+    p.add_argument("--eval-windows", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N windows of each set")
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -124,6 +150,18 @@ def _print_table(rows: dict[str, dict[str, float]], sets: list[str]) -> None:
         print(f"| {name} | " + " | ".join(f"{values[s]:,.2f}" for s in sets) + " |")
 
 
+def _check_device(device: str | None) -> None:
+    """--device cuda where there is no such GPU: one line now, not torch's AssertionError after loading the model."""
+    if device is None or not device.startswith("cuda"):
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.partition(":")[2]
+    if gpus == 0 or (index.isdigit() and int(index) >= gpus):
+        raise ValueError(f"--device {device}: this machine has {gpus} CUDA GPU{'' if gpus == 1 else 's'}")
+
+
 def _load_for_inference(name: str, device: str | None):
     """(model, tokenizer): a packed directory through binarymos.load, anything else through load_model."""
     import torch
@@ -189,8 +227,8 @@ def _cmd_plan(args) -> None:
 def _cmd_generate(args) -> None:
     import torch
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("generate: needs --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("generate: needs --temperature >= 0 and 0 < --top-p <= 1")
     if args.compile:
         from . import kernels
 
@@ -198,6 +236,8 @@ def _cmd_generate(args) -> None:
     model, tokenizer = _load_for_inference(args.model, args.device)
     torch.manual_seed(args.seed)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    if inputs["input_ids"].shape[1] == 0:
+        raise ValueError("generate: the prompt is empty and this tokenizer adds no start token: give some text")
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     else:
@@ -256,6 +296,8 @@ def _cmd_compare(args) -> None:
 def _cmd_analyze(args) -> None:
     from .analyze import DEFAULT_TEXT, analyze
 
+    if args.text is not None and not args.text.strip():
+        raise ValueError("analyze: --text is empty: give a sentence to route, or leave --text out")
     summary = analyze(args.run, args.out, args.layers, args.text or DEFAULT_TEXT, plots=args.plots)
     print(f"{'pictures and ' if args.plots else ''}analyze.json in {args.out}; the experts' mean spread "
           f"{summary['expert_spread_mean']:.4f}")
@@ -304,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one random token)")
     p.add_argument("--out", default="runs/binarymos", help="run directory (checkpoint, log, model)")
     p.add_argument("--method", default="mos", choices=["mos"], help="mos: BinaryMoS (E=1 is OneBit)")
-    p.add_argument("--num-experts", "-E", type=int, default=4, help="scaling experts per layer (1 = OneBit)")
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=4, help="scaling experts per layer (1 = OneBit)")
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: ours, tuned for small budgets; paper: the authors' exact setting")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -376,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "arc_easy, arc_challenge) "
                         "(perplexity is then skipped unless --ppl is given)")
     p.add_argument("--task-path", default=None, help="a folder of extra lm-eval task YAML files")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N examples of each task")
     p.add_argument("--sign", action="store_true", help="evaluate the static sign baseline of the model instead")
     p.set_defaults(func=_cmd_eval, ppl=None)
 
     p = verbs.add_parser("pack", help="write a real 1-bit model directory (signs 8 per byte, 16-bit scales)")
     p.add_argument("source", help="a run directory, a trained model directory, or any model to binarize now")
     p.add_argument("--out", required=True, help="the packed directory to write")
-    p.add_argument("--num-experts", "-E", type=int, default=None,
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=None,
                    help="for a model binarized now: scaling experts (default 4; 1 = OneBit)")
     p.add_argument("--method", default=None, choices=["mos", "sign"],
                    help="for a model binarized now: mos (default) or the static sign baseline")
@@ -397,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="a config.json, a model directory, or llama-7b, llama-13b, llama-2-7b, llama-2-13b, "
                         "llama-3-8b, mistral-7b, qwen2.5-7b, qwen2.5-14b, llama-2-70b")
-    p.add_argument("--num-experts", "-E", type=int, default=None, help="BinaryMoS experts (default: the pack's, or 4)")
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=None, help="BinaryMoS experts (default: the pack's, or 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_footprint)
 
@@ -411,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences per GPU per micro-batch (--batch-size of train)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--grad-accum of train)")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes) or 80GiB")
-    p.add_argument("--num-experts", "-E", type=int, default=4)
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=4)
     p.add_argument("--cache-tokens", type=int, default=0,
                    help="with train --cache-teacher: the training tokens (blocks x seq-len) whose teacher outputs "
                         "stay on the GPU (default 0: no cache)")
@@ -421,9 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="continue a prompt with a packed (or any) model")
     p.add_argument("model", help="a packed directory (or any model binarymos eval takes)")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    p.add_argument("--temperature", type=_finite, default=0.0, help="0 (default): greedy; > 0: sampling")
+    p.add_argument("--top-p", type=_finite, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="on the CPU: the packed layers' byte-table lookups through "
@@ -482,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars would bury our own progress and errors
+        _check_device(getattr(args, "device", None))
         args.func(args)
     except KeyboardInterrupt:
         print("binarymos: interrupted", file=sys.stderr)

@@ -73,15 +73,18 @@ def _read_docs(path: Path) -> list[str]:
     """Documents of a local file: a .txt is one document; .jsonl / .json.gz hold one {"text": ...} per line."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".txt" or path.suffix == ".raw" or path.suffix == ".utf8":
-        return [path.read_text(encoding="utf-8")]
-    opener = gzip.open if path.suffix == ".gz" else open
-    if path.name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
-        try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                return [json.loads(line)["text"] for line in f if line.strip()]
-        except (OSError, json.JSONDecodeError, KeyError, EOFError) as err:
-            raise DataError(f"{path}: not JSON lines with a 'text' field ({err})") from err
+    try:
+        if path.suffix == ".txt" or path.suffix == ".raw" or path.suffix == ".utf8":
+            return [path.read_text(encoding="utf-8")]
+        opener = gzip.open if path.suffix == ".gz" else open
+        if path.name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
+            try:
+                with opener(path, "rt", encoding="utf-8") as f:
+                    return [json.loads(line)["text"] for line in f if line.strip()]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, EOFError) as err:
+                raise DataError(f"{path}: not JSON lines with a 'text' field ({err})") from err
+    except UnicodeDecodeError as err:  # a binary file named .txt, say: the codec's message names no file
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     raise DataError(f"{path}: unsupported text file (use .txt, .jsonl or .json.gz)")
 
 

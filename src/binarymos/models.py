@@ -102,8 +102,14 @@ def _gguf_as_hf_dir(gguf: Path) -> Path:
 
     target = _gguf_cache_dir(gguf)
     if not (target / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except ImportError:  # the gguf package missing: its own message says what to install
+            raise
+        except Exception as err:  # noqa: BLE001  a file cut short fails in struct, numpy or gguf's reader
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ModelNotFoundError(f"{gguf}: not a readable GGUF model, cut short or damaged? ({detail})") from err
         # the weights are plain floats now: drop the GGUF quantization marks so it saves as a normal model
         model.hf_quantizer = None
         model.is_quantized = False
@@ -148,7 +154,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
             model = _load_binarized(source, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-    except (OSError, SafetensorError) as err:  # SafetensorError: a weights file cut short or not safetensors
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:  # a weights file cut short or not safetensors,
+        # a config.json that is not JSON: the libraries' messages name no file
         raise ModelNotFoundError(f"{name}: cannot load a model ({str(err).splitlines()[0]})") from err
     return model.to(device), AutoTokenizer.from_pretrained(str(source))
 

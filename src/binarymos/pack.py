@@ -172,10 +172,12 @@ def pack(source: str, out: str | os.PathLike, num_experts: int | None = None, me
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
-    if Path(source).exists() and Path(source).resolve().is_relative_to(out.resolve()):
-        raise FileExistsError(f"{out} is or holds the source {source}: --overwrite would delete it; choose another --out")
+    for kept, what in ((Path(source), f"the source {source}"), (Path.cwd(), "the current directory")):
+        if kept.exists() and kept.resolve().is_relative_to(out.resolve()):
+            raise FileExistsError(f"{out} is or holds {what}: --overwrite would delete it; choose another --out")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    parse_size(max_shard_size)  # before the minutes of binarizing, not after
     model, tokenizer, trained = _binarized(source, num_experts, method)
     pack_model(model, dtype)
     tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
@@ -214,7 +216,7 @@ def _perplexity_section(run: Path | None) -> list[str]:
         return []
     sets = list(next(iter(rows.values())))
     if "eval_seq_len" in results:
-        windows = f"the first {results['eval_windows']}" if results["eval_windows"] else "every window the protocol takes"
+        windows = f"the first {results['eval_windows']}" if results.get("eval_windows") else "every window the protocol takes"
         how = f", in windows of {results['eval_seq_len']} tokens, {windows} of each set"
     else:
         how = ", on windows it did not record"
@@ -281,7 +283,7 @@ def _binarized(source: str, num_experts: int | None, method: str | None):
     model, tokenizer = load_model(str(path) if path.exists() else source)
     trained = getattr(model.config, "binarymos", None)
     if trained is None:
-        config = BinaryMoSConfig(num_experts=num_experts or 4, method=method or "mos")
+        config = BinaryMoSConfig(num_experts=4 if num_experts is None else num_experts, method=method or "mos")
         return binarize(model, config).eval(), tokenizer, False
     for key, asked in (("num_experts", num_experts), ("method", method)):
         if asked is not None and asked != trained[key]:
@@ -341,13 +343,14 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: 
 
 def parse_size(size: int | str) -> int:
     """Bytes in 2000000, "500MB", "2GB" (powers of 1000) or "1GiB" (powers of 1024)."""
-    if isinstance(size, int):
-        return size
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     if not match or match[2].upper() not in units:
         raise ValueError(f"cannot read the size {size!r}: use e.g. 2GB, 500MB or 1GiB")
-    return int(float(match[1]) * units[match[2].upper()])
+    size_bytes = int(float(match[1]) * units[match[2].upper()])
+    if size_bytes < 1:
+        raise ValueError(f"the size {size!r} is not > 0")
+    return size_bytes
 
 
 # ---------------------------------------------------------------- manifest and validation

@@ -198,8 +198,8 @@ def parse_bytes(text: str) -> int:
 
     try:
         return parse_size(f"{text}GB" if re.fullmatch(r"\s*[0-9.]+\s*", text) else text)
-    except ValueError:
-        raise ValueError(f"--gpu-memory: {text!r} is not like 80GB or 80GiB") from None
+    except ValueError as err:
+        raise ValueError(f"--gpu-memory: {err} (give e.g. 80GB or 80GiB)") from None
 
 
 def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int = 80 * GB,

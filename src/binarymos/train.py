@@ -212,9 +212,12 @@ def run_settings(out: str | os.PathLike) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        settings = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a run's settings ({err})") from err
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a run's settings (a JSON object of train options)")
+    return settings
 
 
 def run_model(path: str | os.PathLike) -> Path:
@@ -278,6 +281,9 @@ def resume_settings(out: str | os.PathLike, given: dict) -> dict:
 def check_resumable(cfg: TrainConfig) -> None:
     """A resumed run must train what it was started to train: every setting outside ANEW_ON_RESUME as saved."""
     saved = run_settings(cfg.out)
+    if not saved:  # resuming would take every default, the model's too, and fail on the checkpoint or train another
+        raise FileNotFoundError(f"--resume: {Path(cfg.out) / 'train_config.json'} is missing or empty, so the run's "
+                                "settings are unknown")
     differ = [f"{key} {saved[key]!r} (given {value!r})" for key, value in asdict(cfg).items()
               if key not in ANEW_ON_RESUME and key in saved and saved[key] != value]
     if differ:
