@@ -185,6 +185,15 @@ def test_damaged_pack_is_refused(case, good_pack, tmp_path):
         binarymos.load(directory, device="cpu")
 
 
+@pytest.mark.parametrize("weight_map", ["garbage", [1, 2], {"model.embed_tokens.weight": "nope.safetensors"}])
+def test_damaged_index_of_a_sharded_pack_is_refused(weight_map, tmp_path):
+    directory = packed_dir(binarized(tiny_model("llama")), tmp_path / "sharded", max_shard_size="10KB")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(dict(index, weight_map=weight_map)))
+    with pytest.raises(PackFormatError, match=r"model\.safetensors\.index\.json: damaged \(its weight_map must map"):
+        binarymos.load(directory, device="cpu")
+
+
 def test_cli_reports_damage_in_one_line(good_pack, tmp_path, capsys):
     directory = shutil.copytree(good_pack, tmp_path / "damaged")
     _flip_byte(directory)

@@ -36,6 +36,7 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.uint8: "U8",
                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
 MANIFEST = "manifest.json"
+INDEX = "model.safetensors.index.json"  # where a sharded pack maps each tensor to its file
 DEFAULT_SHARD_SIZE = "2GB"
 
 
@@ -335,7 +336,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: 
         names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {tensor: file for file, shard in zip(names, shards) for tensor in shard}}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for file, shard in zip(names, shards):
         save_file(shard, directory / file, metadata={"format": "pt"})
     return names
@@ -439,6 +440,18 @@ def verify_files(directory: Path) -> dict[str, dict]:
     return headers
 
 
+def check_index(directory: Path) -> None:
+    """A sharded pack's index must map tensor names to files the manifest lists: transformers reads it before the
+    quantizer checks anything, and fails on a damaged one with an AttributeError or a missing file naming no index."""
+    path = directory / INDEX
+    if not path.exists():
+        return
+    weight_map = (_json_object(path) or {}).get("weight_map")
+    listed = read_manifest(directory)["files"]
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f in listed for f in weight_map.values()):
+        raise PackFormatError(f"{path}: damaged (its weight_map must map tensor names to the files {MANIFEST} lists)")
+
+
 def _damage(path: Path, expected: dict[str, str]) -> str:
     """Name what differs in a file whose checksum does not match."""
     found = _tensor_digests(path)
@@ -515,5 +528,6 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else qconfig.storage_dtype
+    check_index(directory)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
     return model.to(device).eval()
