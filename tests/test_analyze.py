@@ -117,3 +117,16 @@ def test_a_log_without_loss_terms_draws_no_loss_curve(run_dir, tmp_path):
     assert summary["log_records"] == 1 and json.loads((tmp_path / "pictures" / "analyze.json").read_text())
     assert not (tmp_path / "pictures" / "loss.png").exists()
     assert (tmp_path / "pictures" / "gates.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_log_lines_without_tokens_or_with_odd_values_are_left_out_of_the_loss_curve(run_dir, tmp_path):
+    """Lines edited by hand (no token count, a loss that is text, booleans) drew a KeyError or a matplotlib error."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "log.jsonl").write_text('{"step": 1, "tokens": 64, "loss": 2.0, "kl": 1.5, "hidden": 0.5, "blockwise": true}\n'
+                                   '{"step": 2, "loss": 1.9, "blockwise": true}\n'
+                                   '{"step": 3, "tokens": 192, "loss": "low", "kl": 1.2, "hidden": true}\n'
+                                   '{"step": 4, "tokens": 256, "loss": 1.5, "kl": 1.1, "hidden": 0.4}\n')
+    summary = analyze(run, tmp_path / "pictures", layers="0")
+    assert summary["log_records"] == 4 and summary["blockwise_until_tokens"] == 64
+    assert (tmp_path / "pictures" / "loss.png").read_bytes()[:8] == PNG_MAGIC

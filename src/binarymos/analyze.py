@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -135,10 +136,19 @@ def plot_scales(plt, scales: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _counted(records: list[dict]) -> list[dict]:
+    """The records that say how many tokens were trained (a line edited by hand or by another tool may not)."""
+    return [r for r in records if _numeric(r.get("tokens"))]
+
+
 def blockwise_phase(records: list[dict]) -> tuple[int, int]:
     """(tokens, tokens): where a run's block-wise phase ends while its blocks take the teacher's inputs alone, and
     where it ends with its --blockwise-anneal; (0, 0) for a run without one."""
-    phase = [r for r in records if r.get("blockwise")]
+    phase = [r for r in _counted(records) if r.get("blockwise")]
     forced_until = max((r["tokens"] for r in phase if r.get("teacher_share", 1.0) >= 1.0), default=0)
     return forced_until, phase[-1]["tokens"] if phase else 0
 
@@ -147,7 +157,8 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
     """The loss terms against trained tokens, the block-wise phase shaded (its terms are each block's own error, so
     the curves jump where it ends), the part of it where the teacher's share of the inputs falls (--blockwise-anneal)
     lighter. Draws nothing for records without these terms (a log.jsonl that is not train's)."""
-    keys = [k for k in ("loss", "kl", "hidden") if any(r.get(k) for r in records)]
+    records = _counted(records)
+    keys = [k for k in ("loss", "kl", "hidden") if any(_numeric(r.get(k)) for r in records)]
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
@@ -160,7 +171,7 @@ def plot_loss(plt, records: list[dict], path: Path) -> None:
             ax.axvspan(forced_until, blockwise_until, color="tab:orange", alpha=0.06, label="annealed")
         if blockwise_until:
             ax.legend(loc="upper right", fontsize=8)
-        ax.plot(tokens, [r[key] for r in records])
+        ax.plot(tokens, [r[key] if _numeric(r.get(key)) else math.nan for r in records])
         ax.set_yscale("log")
         ax.set_xlabel("trained tokens")
         ax.set_title(key)
