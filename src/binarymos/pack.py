@@ -217,7 +217,8 @@ def _perplexity_section(run: Path | None) -> list[str]:
         return []
     sets = list(next(iter(rows.values())))
     if "eval_seq_len" in results:
-        windows = f"the first {results['eval_windows']}" if results.get("eval_windows") else "every window the protocol takes"
+        windows = (f"the first {results['eval_windows']}" if results.get("eval_windows")
+                   else "every window the protocol takes")
         how = f", in windows of {results['eval_seq_len']} tokens, {windows} of each set"
     else:
         how = ", on windows it did not record"
