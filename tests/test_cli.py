@@ -207,6 +207,15 @@ def test_a_model_whose_config_is_not_json_is_a_one_line_error_naming_it(tmp_path
     assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'm'}: cannot load a model (Expecting" in err
 
 
+def test_a_model_without_its_tokenizer_is_a_one_line_error_naming_it(tmp_path, capsys):
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")  # config and weights, no tokenizer files
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "m"), "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'm'}: cannot load its tokenizer; are its tokenizer files there?" in err
+
+
 def test_train_into_a_finished_run_without_its_checkpoint_is_refused(teacher_dir, text_file, tmp_path, capsys):
     """The model and log of a run whose checkpoint.pt is gone are not overwritten by a new run."""
     options = ["--model", str(teacher_dir), "--data", str(text_file), "--seq-len", "32", "--batch-size", "2",

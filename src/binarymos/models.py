@@ -143,7 +143,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     On the meta device: the architecture only, no weights read (FSDP ranks receive theirs from rank 0).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = loadable(name)
     try:
@@ -157,7 +157,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     except (OSError, SafetensorError, json.JSONDecodeError) as err:  # a weights file cut short or not safetensors,
         # a config.json that is not JSON: the libraries' messages name no file
         raise ModelNotFoundError(f"{name}: cannot load a model ({str(err).splitlines()[0]})") from err
-    return model.to(device), AutoTokenizer.from_pretrained(str(source))
+    return model.to(device), _tokenizer(name, source)
 
 
 def _binarymos_config(directory: Path) -> dict | None:
@@ -200,9 +200,19 @@ def _tied_keys(model) -> set[str]:
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):
+    return _tokenizer(name, loadable(name))
+
+
+def _tokenizer(name: str, source: Path | str):
+    """The tokenizer saved with a model; a directory without one is a one-line error naming it (transformers says
+    "Couldn't instantiate the backend tokenizer from one of:" and lists no file)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(loadable(name)))
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"{name}: cannot load its tokenizer; are its tokenizer files there? "
+                                 f"({str(err).strip().splitlines()[0]})") from err
 
 
 def kv_cache_keyword(model) -> str:
