@@ -189,6 +189,8 @@ def analyze(run: str | Path, out: str | Path, layers: str | None = None, text: s
     from .models import load_model
     from .train import read_log, run_model, run_of
 
+    if not text.strip():  # before the model is loaded
+        raise ValueError("analyze: --text is empty: give a sentence to route, or leave --text out")
     plt = _pyplot() if plots else None
     model_dir = run_model(run)
     if not (model_dir / "config.json").exists():

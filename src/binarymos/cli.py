@@ -296,9 +296,8 @@ def _cmd_compare(args) -> None:
 def _cmd_analyze(args) -> None:
     from .analyze import DEFAULT_TEXT, analyze
 
-    if args.text is not None and not args.text.strip():
-        raise ValueError("analyze: --text is empty: give a sentence to route, or leave --text out")
-    summary = analyze(args.run, args.out, args.layers, args.text or DEFAULT_TEXT, plots=args.plots)
+    summary = analyze(args.run, args.out, args.layers, DEFAULT_TEXT if args.text is None else args.text,
+                      plots=args.plots)
     print(f"{'pictures and ' if args.plots else ''}analyze.json in {args.out}; the experts' mean spread "
           f"{summary['expert_spread_mean']:.4f}")
 

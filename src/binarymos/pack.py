@@ -490,12 +490,13 @@ def is_packed(path: str | os.PathLike) -> bool:
     """True for a directory whose config.json declares a binarymos quantization_config, or that holds a binarymos
     manifest (a pack whose config was damaged: loading it then says what is wrong, instead of reading the directory
     as a full-precision model with fresh weights)."""
-    directory = Path(path)
-    if (directory / MANIFEST).is_file():
-        return True
-    config = _json_object(directory / "config.json") or {}
-    quant = config.get("quantization_config")
-    return isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
+    return (Path(path) / MANIFEST).is_file() or _quantization_config(Path(path)) is not None
+
+
+def _quantization_config(directory: Path) -> dict | None:
+    """The binarymos quantization_config of the directory's config.json; None where there is none or it is damaged."""
+    quant = (_json_object(directory / "config.json") or {}).get("quantization_config")
+    return quant if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD else None
 
 
 # ---------------------------------------------------------------- loading
@@ -516,8 +517,8 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     if not is_packed(directory):
         raise PackFormatError(f"{directory}: not a packed binarymos directory (no binarymos quantization_config "
                               "in config.json); make one with `binarymos pack`")
-    quant = (_json_object(directory / "config.json") or {}).get("quantization_config")
-    if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
+    quant = _quantization_config(directory)
+    if quant is None:
         raise PackFormatError(f"{directory / 'config.json'}: its binarymos quantization_config is missing or damaged "
                               f"(a packed directory: {MANIFEST} is there)")
     try:
