@@ -83,3 +83,19 @@ def test_a_hub_id_is_read_from_the_hub_and_builtin_false_skips_the_builtin_names
     with pytest.raises(FootprintError, match=r"org/missing: not a built-in config .* no config for it \(org/missing "
                                              r"is not a local folder and is not a valid model identifier\)$"):
         load_config("org/missing")
+
+
+def test_footprint_of_a_pack_checks_its_files_against_the_manifest(tmp_path):
+    """A shard cut short or a stray file left beside the pack is an error, not a smaller or larger footprint."""
+    directory = packed_dir(binarized(tiny_model("llama")), tmp_path / "packed", "20KB")
+    shards = sorted(directory.glob("*.safetensors"))
+    assert len(shards) > 1
+    whole = report(directory=str(directory))["measured"]
+    assert whole["file_bytes"] == sum(f.stat().st_size for f in shards)
+
+    (directory / "old-00001.safetensors").write_bytes(shards[0].read_bytes())
+    assert cli.main(["footprint", str(directory)]) == 2
+    (directory / "old-00001.safetensors").unlink()
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-1])
+    with pytest.raises(ValueError, match="truncated or replaced"):
+        report(directory=str(directory))

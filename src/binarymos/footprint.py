@@ -124,10 +124,16 @@ def computed(config, num_experts: int = 4, modules_to_not_convert=()) -> dict[st
 
 
 def measured(directory: str | Path) -> dict[str, int]:
-    """Bytes of the tensors stored in a directory's safetensors files, and of the files themselves."""
-    from .pack import read_header
+    """Bytes of the tensors stored in a directory's safetensors files, and of the files themselves. In a packed
+    directory those are the files its manifest lists, each of the size listed (a pack cut short or with files left
+    from another write is an error, not a smaller or larger footprint)."""
+    from .pack import MANIFEST, check_sizes, read_header
 
-    files = sorted(Path(directory).glob("*.safetensors"))
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        files = [directory / f for f in sorted(check_sizes(directory))]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FootprintError(f"{directory}: no .safetensors files")
     tensor_bytes = sum(info["data_offsets"][1] - info["data_offsets"][0]

@@ -420,14 +420,13 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def verify_files(directory: Path) -> dict[str, dict]:
-    """Check every tensor file against the manifest; returns {file: header}."""
-    manifest = read_manifest(directory)
-    listed = manifest["files"]
+def check_sizes(directory: Path) -> dict[str, dict]:
+    """The manifest's tensor files, each there with the size it lists and no other .safetensors file beside them
+    (cheap: no checksum); returns the manifest's {file: entry}."""
+    listed = read_manifest(directory)["files"]
     stray = sorted({p.name for p in directory.glob("*.safetensors")} - set(listed))
     if stray:
         raise PackFormatError(f"{directory / stray[0]}: not listed in {MANIFEST} (left from another write?)")
-    headers = {}
     for file, entry in listed.items():
         path = directory / file
         if not path.is_file():
@@ -435,6 +434,14 @@ def verify_files(directory: Path) -> dict[str, dict]:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise PackFormatError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+    return listed
+
+
+def verify_files(directory: Path) -> dict[str, dict]:
+    """Check every tensor file against the manifest, sizes and checksums; returns {file: header}."""
+    headers = {}
+    for file, entry in check_sizes(directory).items():
+        path = directory / file
         if _sha256(path) != entry["sha256"]:
             raise PackFormatError(_damage(path, entry["tensors"]))
         headers[file] = read_header(path)[1]
