@@ -581,24 +581,33 @@ def test_checkpoints_hold_the_optimizer_state_an_eager_adamw_loads(tmp_path):
     torch.testing.assert_close(state["state"][0]["exp_avg"], 0.1 * torch.ones(3))  # (1 - beta1) x the gradient
 
 
-def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_compute(arch, text_file, tmp_path):
+@pytest.mark.parametrize("on_host", [False, True])
+def test_teacher_cache_steps_compute_what_steps_with_the_teachers_forward_compute(arch, text_file, tmp_path, on_host):
     """Every architecture, both phases and the annealed one: a step whose teacher outputs come from the cache (token ids
     and all gathered by block index) has the loss terms, norm and gradients of the step that runs the teacher on
-    those blocks' ids; each distinct tensor of the teacher's forward is kept once."""
+    those blocks' ids; each distinct tensor of the teacher's forward is kept once. The same where the cache does not
+    fit the device and stays on the host: the step reads its blocks from the device's window."""
     import copy
 
     from binarymos.train import TeacherCache, step_gradients
 
     config, (teacher, student, _, blocks) = prepared_tiny(arch, text_file, tmp_path)
     off = torch.autocast("cpu", enabled=False)
-    cache = TeacherCache(teacher, blocks, 3, off)  # batches of 3: the last of them short
-    assert torch.equal(cache.ids, blocks) and all(len(t) == len(blocks) for t in cache.tensors)
+    cache = TeacherCache(teacher, blocks, 3, off, fits=lambda nbytes: not on_host, host_fits=lambda nbytes: True)
+    assert cache.on_host == on_host
+    if not on_host:
+        assert torch.equal(cache.ids, blocks) and all(len(t) == len(blocks) for t in cache.tensors)
     if arch == "llama":  # the embeddings, each block's output, the final norm's output
-        assert len(cache.tensors) == teacher.config.num_hidden_layers + 2
+        assert len(set(cache.roles.values())) == teacher.config.num_hidden_layers + 2
     reference = copy.deepcopy(student)
     index = torch.tensor([len(blocks) - 1, 1])
-    for blockwise, share in ((True, None), (True, torch.tensor(0.25)), (False, None)):
-        cached = step_gradients(cache, student, [index], config, blockwise, off, teacher_share=share)
+    for step, (blockwise, share) in enumerate(((True, None), (True, torch.tensor(0.25)), (False, None))):
+        if on_host and step == 1:  # other blocks in the window meanwhile
+            cache.batches([torch.tensor([0, 2])])
+            assert torch.equal(cache.ids, blocks[[0, 2]])
+        batch = cache.batches([index])
+        assert torch.equal(batch[0], torch.arange(2) if on_host else index)
+        cached = step_gradients(cache, student, batch, config, blockwise, off, teacher_share=share)
         live = step_gradients(teacher, reference, [blocks[index]], config, blockwise, off, teacher_share=share)
         torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-7)
         grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
@@ -660,8 +669,26 @@ def test_cache_teacher_trains_what_the_teachers_forward_trains(arch, teacher_dir
         torch.testing.assert_close(torch.tensor([r[key] for r in cached]), torch.tensor([r[key] for r in live]),
                                    rtol=1e-4, atol=1e-6)
     settings = json.loads((tmp_path / "cached-True" / "train_config.json").read_text())
-    assert settings["cache_teacher"] and settings["teacher_cache_gb"] > 0
+    assert settings["cache_teacher"] and settings["teacher_cache_gb"] > 0 and settings["teacher_cache_on"] == "device"
     assert (tmp_path / "cached-True" / "model").is_dir()
+    # a cache the device has no room for, on the host (as on a GPU; on the CPU both are the same memory), with two
+    # micro-batches a step sharing the window: the same losses again
+    host_cache = train_mod.TeacherCache
+
+    class HostCache(host_cache):
+        def __init__(self, *args, fits, host_fits):
+            super().__init__(*args, fits=lambda nbytes: False, host_fits=lambda nbytes: True)
+
+    monkeypatch.setattr(train_mod, "TeacherCache", HostCache)
+    for cached in (False, True):
+        train(cfg(teacher_dir, text_file, tmp_path / f"accum-{cached}", max_steps=4, blockwise=0.5, batch_size=1,
+                  grad_accum=2, cache_teacher=cached))
+    live, on_host = (train_mod.read_log(tmp_path / f"accum-{c}") for c in (False, True))
+    for key in ("loss", "kl", "hidden"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in on_host]), torch.tensor([r[key] for r in live]),
+                                   rtol=1e-4, atol=1e-6)
+    assert json.loads((tmp_path / "accum-True" / "train_config.json").read_text())["teacher_cache_on"] == "host"
+    monkeypatch.setattr(train_mod, "TeacherCache", host_cache)
     # on the CPU the cache may take half of the host memory free: here none is
     monkeypatch.setattr(train_mod, "available_memory", lambda: 0)
     with pytest.raises(ValueError, match="more than the device holds beside the run"):
@@ -688,13 +715,15 @@ def test_kl_sum_on_the_gpu_matches_float64():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("experts, accum, cached", [(1, 1, False), (2, 1, False), (2, 2, False), (2, 2, True)])
+@pytest.mark.parametrize("experts, accum, cached", [(1, 1, None), (2, 1, None), (2, 2, None), (2, 2, "device"),
+                                                    (2, 2, "host")])
 def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text_file, tmp_path, experts, accum,
                                                                cached):
     """In float32 (no autocast), against the eager step of a copy of the student with the same weights: the
     loss terms, gradient norm and every clipped gradient, for new token ids and new weights at every replay, in
     both phases and after a phase comes back; with two micro-batches, their gradients summed in the graph; and with
-    the teacher's outputs gathered from a TeacherCache by block index inside the graph."""
+    the teacher's outputs gathered from a TeacherCache by block index inside the graph, from the device or from a
+    cache on the host through the device's window (the next step's blocks prefetched while a step runs)."""
     import copy
 
     from binarymos.train import GraphedStep, TeacherCache, prepare, step_gradients
@@ -704,7 +733,9 @@ def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text
     teacher.float()  # a GPU teacher comes in bf16
     reference = copy.deepcopy(student)
     off = torch.autocast("cuda", enabled=False)
-    source = TeacherCache(teacher, blocks, 2, off) if cached else teacher
+    source = TeacherCache(teacher, blocks, 2, off, fits=lambda nbytes: cached == "device",
+                          host_fits=lambda nbytes: True) if cached else teacher
+    assert not cached or source.on_host == (cached == "host")
     params = [p for p in student.parameters() if p.requires_grad]
     graphed = GraphedStep(lambda batches, blockwise: step_gradients(source, student, batches, config, blockwise, off),
                           torch.optim.SGD(params, lr=0.0))
@@ -715,7 +746,10 @@ def test_cuda_graphs_step_replays_what_the_eager_step_computes(teacher_dir, text
             reference.load_state_dict(student.state_dict())
         indices = [torch.tensor([4 * i + 2 * m, 4 * i + 2 * m + 1]) for m in range(accum)]
         batches = [blocks[index].cuda() for index in indices]
-        replayed = graphed([index.cuda() for index in indices] if cached else batches, blockwise).clone()
+        replayed = graphed(source.batches(indices) if cached else batches, blockwise)
+        if cached:  # the next step's blocks, while this one runs
+            source.prefetch([torch.tensor([4 * i + 4 + 2 * m, 4 * i + 5 + 2 * m]) for m in range(accum)])
+        replayed = replayed.clone()
         reference.zero_grad(set_to_none=True)
         eager = step_gradients(teacher, reference, batches, config, blockwise, off)
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-7)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import json
 import math
 import os
 import signal
 import threading
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -427,12 +429,20 @@ class TeacherCache:
     are kept once. Exact, since the training data is whole blocks and the teacher is frozen in eval mode (up to the
     rounding of products that cuBLAS computes another way for the build's short last batch); a step's
     batch is then its block indices on the device, gathered inside a CUDA graph as well. ``fits(bytes)`` says
-    whether the cache, of those bytes, may be allocated; it is asked once the first blocks show its size."""
+    whether the cache, of those bytes, may be allocated on the device; it is asked once the first blocks show its
+    size.
 
-    def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, autocast, fits=lambda nbytes: True):
+    Where it does not fit but ``host_fits(bytes)`` says yes, the cache stays in host memory (pinned, on a GPU) and
+    the device holds a window of one step's blocks (``on_host``): ``batches`` copies a step's blocks into the window
+    and gives the step their positions in it, and ``prefetch``, called while a step runs, copies the next step's
+    blocks over PCIe on a stream of their own, so that the step after finds them on the device. All the real text
+    of SmolLM2 takes 48.8 GB, which an H100 cannot hold beside the run but its host can."""
+
+    def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, autocast, fits=lambda nbytes: True,
+                 host_fits=lambda nbytes: False):
         device = next(teacher.parameters()).device
         self.ids, self.head = blocks.to(device), teacher.get_output_embeddings()
-        self.roles, self.tensors, self.nbytes = None, [], 0
+        self.roles, self.tensors, self.nbytes, self.on_host = None, [], 0, False
         block_in, block_out, head_in = {}, {}, {}
         handles = hook_blocks(teacher, block_in, block_out) + [self.head.register_forward_pre_hook(
             lambda module, args: head_in.update(x=args[0]))]
@@ -447,17 +457,23 @@ class TeacherCache:
                     roles[role] = tensors.setdefault((t.data_ptr(), t.shape, t.stride()), (len(tensors), t))[0]
                 if self.roles is None:
                     self._allocate(roles, [t for _, t in tensors.values()], len(blocks), out.logits,
-                                   teacher.config.get_text_config(), autocast, fits)
+                                   teacher.config.get_text_config(), autocast, fits, host_fits)
                 elif roles != self.roles:
                     raise RuntimeError("cache_teacher: the teacher's forward kept different tensors for other blocks")
                 for index, t in tensors.values():
-                    self.tensors[index][start:start + len(t)] = t
+                    self._stored[index + 1][start:start + len(t)] = t
         finally:
             for handle in handles:
                 handle.remove()
+        if self.on_host:  # the window and the landing buffers: made at the first step, which shows their size
+            self._stored[0] = blocks.cpu().pin_memory() if device.type == "cuda" else blocks.cpu().clone()
+            self.ids, self.tensors, self._landing, self._landed = None, [], None, None
+            self._copier = torch.cuda.Stream(device) if device.type == "cuda" else None
+            self._window_read, self._landing_full = (torch.cuda.Event(), torch.cuda.Event()) if self._copier else (
+                None, None)
 
     def _allocate(self, roles: dict, first: list[torch.Tensor], count: int, logits: torch.Tensor, config,
-                  autocast, fits) -> None:
+                  autocast, fits, host_fits) -> None:
         with torch.no_grad(), autocast:  # the first sequence's logits again, from the head alone
             recomputed = self.head(first[roles[("head",)]][:1]).float()
         capped = bool(getattr(config, "final_logit_softcapping", None)) or \
@@ -466,11 +482,74 @@ class TeacherCache:
             raise ValueError("cache_teacher: this model's logits are not its output head's output (a final "
                              "soft-capping or scaling), so they cannot be recomputed from the cache; train without it")
         nbytes = sum(t[0].numel() * t.element_size() for t in first) * count
-        if not fits(nbytes):
+        self.on_host = not fits(nbytes)
+        if self.on_host and not host_fits(nbytes):
             raise ValueError(f"cache_teacher: the teacher's outputs for {count} blocks take {nbytes / 1e9:.1f} GB, "
-                             "more than the device holds beside the run; train without cache_teacher")
+                             "more than the device holds beside the run (or half the host's free memory); train "
+                             "without cache_teacher")
         self.roles, self.nbytes = roles, nbytes
-        self.tensors = [t.new_empty((count, *t.shape[1:])) for t in first]
+        shapes = [((count, *t.shape[1:]), t.dtype) for t in first]
+        self.tensors = (self._host_tensors(shapes, pin=first[0].is_cuda) if self.on_host else
+                        [torch.empty(shape, dtype=dtype, device=first[0].device) for shape, dtype in shapes])
+        self._stored = [self.ids, *self.tensors]  # what the build fills: token ids first, then the roles' tensors
+
+    def _host_tensors(self, shapes: list, pin: bool) -> list[torch.Tensor]:
+        """Host tensors of these (shape, dtype)s in one buffer, page-locked for the GPU's copies with pin. Pinned
+        through cudaHostRegister rather than pin_memory, whose allocator rounds each size up to a power of two
+        (64 GB for SmolLM2's 48.8)."""
+        sizes = [-(-math.prod(shape) * dtype.itemsize // 256) * 256 for shape, dtype in shapes]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        if pin:
+            cudart = torch.cuda.cudart()
+            if int(cudart.cudaHostRegister(flat.data_ptr(), flat.numel(), 0)) != 0:
+                raise RuntimeError(f"cache_teacher: {flat.numel() / 1e9:.1f} GB of host memory could not be "
+                                   "page-locked for the GPU; train without cache_teacher")
+            weakref.finalize(self, cudart.cudaHostUnregister, flat.data_ptr())
+        offsets = [0, *itertools.accumulate(sizes)]
+        return [flat[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for start, (shape, dtype) in zip(offsets, shapes)]
+
+    def batches(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A step's micro-batches as the step reads them from the cache: their block indices on the device or, with
+        the cache on the host, their blocks copied into the device's window (from the landing buffers where
+        ``prefetch`` brought them) and their positions there."""
+        if not self.on_host:
+            return [index.to(self.head.weight.device) for index in indices]
+        rows = torch.cat(indices)
+        if self._landing is None:  # the first step: a window and landing buffers of its size, for the whole run
+            self.ids, *self.tensors = [t.new_empty((len(rows), *t.shape[1:]), device=self.head.weight.device)
+                                       for t in self._stored]
+            self._landing = [torch.empty_like(t) for t in (self.ids, *self.tensors)]
+        elif len(rows) != len(self.ids):
+            raise RuntimeError(f"cache_teacher: a step of {len(rows)} blocks, the window holds {len(self.ids)}")
+        if self._landed is not None and torch.equal(self._landed, rows):
+            torch.cuda.current_stream().wait_event(self._landing_full)
+            for window, landed in zip((self.ids, *self.tensors), self._landing):
+                window.copy_(landed)
+        else:
+            self._fill((self.ids, *self.tensors), rows)
+        if self._copier is not None:
+            self._window_read.record()  # the landing buffers are free once their rows are in the window
+        self._landed = None
+        ends = torch.tensor([len(index) for index in indices]).cumsum(0).tolist()
+        return [torch.arange(end - len(index), end, device=self.ids.device) for end, index in zip(ends, indices)]
+
+    def prefetch(self, indices: list[torch.Tensor]) -> None:
+        """With the cache on the host and a GPU: start copying the blocks of the next step's ``indices`` to the
+        landing buffers, on a stream of their own, while the current step runs."""
+        if not self.on_host or self._copier is None or self._landing is None:
+            return
+        rows = torch.cat(indices)
+        with torch.cuda.stream(self._copier):
+            self._copier.wait_event(self._window_read)
+            self._fill(self._landing, rows)
+            self._landing_full.record()
+        self._landed = rows
+
+    def _fill(self, targets, rows: torch.Tensor) -> None:
+        for target, stored in zip(targets, self._stored):
+            for i, row in enumerate(rows.tolist()):
+                target[i].copy_(stored[row], non_blocking=True)
 
     def outputs(self, index: torch.Tensor, hidden_states: bool, forced: TeacherForcedBlocks | None):
         """(token ids, teacher output) of the blocks ``index`` (on the device), the output's hidden states only if
@@ -881,10 +960,14 @@ def train(cfg: TrainConfig):
         planned = planned_memory(cfg, teacher.config)[
             "total_checkpointed" if any(getattr(m, "gradient_checkpointing", False) for m in student.modules())
             else "total"]
-        teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast, fits=lambda nbytes: _fits_gpu(
-            planned + nbytes, env) if device.type == "cuda" else nbytes <= 0.5 * available_memory())
+        on_gpu = device.type == "cuda"
+        teacher = TeacherCache(teacher, blocks, cfg.batch_size, autocast,
+                               fits=lambda nbytes: _fits_gpu(planned + nbytes, env) if on_gpu
+                               else nbytes <= 0.5 * available_memory(),
+                               host_fits=lambda nbytes: on_gpu and nbytes <= 0.5 * available_memory())
         trained_seconds += time.perf_counter() - built
-        chosen["teacher_cache_gb"] = round(teacher.nbytes / 1e9, 3)
+        chosen.update(teacher_cache_gb=round(teacher.nbytes / 1e9, 3),
+                      teacher_cache_on="host" if teacher.on_host else "device")
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         (out / "train_config.json").write_text(json.dumps(dict(asdict(cfg), **chosen), indent=2))
@@ -929,13 +1012,16 @@ def train(cfg: TrainConfig):
                 unlogged = None
             indices = [batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)
                        for micro in range(cfg.grad_accum)]
-            batches = [(index if cfg.cache_teacher else blocks[index]).to(device) for index in indices]
+            batches = teacher.batches(indices) if cfg.cache_teacher else [blocks[i].to(device) for i in indices]
+            stats = (graphed(batches, blockwise) if graphed else
+                     step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp, teacher_share))
+            if cfg.cache_teacher:  # a cache on the host: the next step's blocks cross over while this step runs
+                teacher.prefetch([batch_indices(step + 1, micro, cfg, len(blocks), env.rank, env.world_size)
+                                  for micro in range(cfg.grad_accum)])
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
             # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
             # every rank stops together
-            *parts_read, norm = (graphed(batches, blockwise) if graphed else
-                                 step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp,
-                                                teacher_share)).tolist()
+            *parts_read, norm = stats.tolist()
             terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
             if not math.isfinite(terms["loss"]):
                 raise _diverged(f"loss is {terms['loss']}", step, out)
