@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "does not launch its kernels one by one (needs no --compile and no checkpointing)")
     p.add_argument("--cache-teacher", action=argparse.BooleanOptionalAction, default=False,
                    help="one process: run the teacher once over all training blocks before the first step and keep "
-                        "its hidden states on the device (SmolLM2, 0.62 M tokens: 23 GB), so no step runs it")
+                        "its hidden states on the device (SmolLM2, 0.62 M tokens: 23 GB), so no step runs it; where "
+                        "the device has no room, in page-locked host memory, each step's blocks copied over ahead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")

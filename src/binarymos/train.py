@@ -134,7 +134,8 @@ class TrainConfig:
     # the host no longer launches its kernels one by one; needs compile none and no checkpointing
     cuda_graphs: bool = False
     # one process: the teacher's outputs for every training block computed once, before the first step, and kept on
-    # the device (TeacherCache), so no step runs the teacher; its seconds count in the budget
+    # the device (TeacherCache; where it has no room, in host memory), so no step runs the teacher; its seconds
+    # count in the budget
     cache_teacher: bool = False
     # several processes (torchrun): "ddp" replicates both models on every rank, "fsdp" shards them; "auto": ddp
     # where the one-GPU plan fits the GPU (choose_strategy)
