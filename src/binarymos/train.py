@@ -470,8 +470,8 @@ class TeacherCache:
             self._stored[0] = blocks.cpu().pin_memory() if device.type == "cuda" else blocks.cpu().clone()
             self.ids, self.tensors, self._landing, self._landed = None, [], None, None
             self._copier = torch.cuda.Stream(device) if device.type == "cuda" else None
-            self._window_read, self._landing_full = (torch.cuda.Event(), torch.cuda.Event()) if self._copier else (
-                None, None)
+            self._window_read, self._landing_full = ((torch.cuda.Event(), torch.cuda.Event())
+                                                     if self._copier is not None else (None, None))
 
     def _allocate(self, roles: dict, first: list[torch.Tensor], count: int, logits: torch.Tensor, config,
                   autocast, fits, host_fits) -> None:
