@@ -673,9 +673,9 @@ def test_cache_teacher_trains_what_the_teachers_forward_trains(arch, teacher_dir
     assert (tmp_path / "cached-True" / "model").is_dir()
     # a cache the device has no room for, on the host (as on a GPU; on the CPU both are the same memory), with two
     # micro-batches a step sharing the window: the same losses again
-    host_cache = train_mod.TeacherCache
+    original = train_mod.TeacherCache
 
-    class HostCache(host_cache):
+    class HostCache(original):
         def __init__(self, *args, fits, host_fits):
             super().__init__(*args, fits=lambda nbytes: False, host_fits=lambda nbytes: True)
 
@@ -688,7 +688,7 @@ def test_cache_teacher_trains_what_the_teachers_forward_trains(arch, teacher_dir
         torch.testing.assert_close(torch.tensor([r[key] for r in on_host]), torch.tensor([r[key] for r in live]),
                                    rtol=1e-4, atol=1e-6)
     assert json.loads((tmp_path / "accum-True" / "train_config.json").read_text())["teacher_cache_on"] == "host"
-    monkeypatch.setattr(train_mod, "TeacherCache", host_cache)
+    monkeypatch.setattr(train_mod, "TeacherCache", original)
     # on the CPU the cache may take half of the host memory free: here none is
     monkeypatch.setattr(train_mod, "available_memory", lambda: 0)
     with pytest.raises(ValueError, match="more than the device holds beside the run"):
