@@ -1016,7 +1016,7 @@ def train(cfg: TrainConfig):
             batches = teacher.batches(indices) if cfg.cache_teacher else [blocks[i].to(device) for i in indices]
             stats = (graphed(batches, blockwise) if graphed else
                      step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp, teacher_share))
-            if cfg.cache_teacher:  # a cache on the host: the next step's blocks cross over while this step runs
+            if cfg.cache_teacher and teacher.on_host:  # the next step's blocks cross over while this step runs
                 teacher.prefetch([batch_indices(step + 1, micro, cfg, len(blocks), env.rank, env.world_size)
                                   for micro in range(cfg.grad_accum)])
             # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
