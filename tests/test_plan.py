@@ -249,7 +249,14 @@ def test_teacher_cache_is_the_bytes_measured_and_counts_throughout_the_step(caps
         assert cached["total"] - plain["total"] == cached["terms"]["teacher_cache"]  # alive at every moment
     planned = estimate(counts, 1, 2048, 8, residual=2, cache_tokens=303 * 2048)["total"] / GB
     assert abs(planned - 55.6) / 55.6 < 0.15, planned
-    assert cli.main(["plan", "--config", "smollm2-135m", "--batch", "8", "--cache-tokens", str(303 * 2048)]) == 0
+    args = ["plan", "--config", "smollm2-135m", "--batch", "8", "--cache-tokens", str(303 * 2048)]
+    assert cli.main(args + ["--gpu-memory", "141GB"]) == 0  # an H200: 64.25 GB with the cache, within 75 %
     assert "| teacher cache (train --cache-teacher) | 22.88 |" in capsys.readouterr().out
+    # an H100: beside the run's 41.4 GB the cache passes 75 % of 80 GB, so train keeps it on the host, and the GPU
+    # holds one step's blocks twice (window and landing buffers): 2 x 8 x 2048 tokens x 32 tensors x 576 x 2 bytes
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"| teacher cache's window and landing buffers (the cache on the host) | {2 * 8 * 2048 * 32 * 576 * 2 / GB:.2f} |" in out
+    assert "teacher cache: 22.88 GB of page-locked host memory" in out
     assert cli.main(["plan", "--config", "smollm2-135m", "--gpus", "2", "--cache-tokens", "2048"]) == 2
     assert "one GPU" in capsys.readouterr().err

@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=4)
     p.add_argument("--cache-tokens", type=int, default=0,
                    help="with train --cache-teacher: the training tokens (blocks x seq-len) whose teacher outputs "
-                        "stay on the GPU (default 0: no cache)")
+                        "train keeps: on the GPU, or in host memory where they do not fit beside the run "
+                        "(default 0: no cache)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_plan)
 

@@ -24,7 +24,9 @@ vocabulary V and a = 2 bytes per activation (bf16):
     hidden       T * h * (a * (n + 1) + 8 * n)               teacher hidden states, float32 copies in the MSE
     teacher_cache  C * (n + 2) * h * a    train --cache-teacher, C training tokens: the residual stream entering
                  every block, the last block's output and the head's input, kept on the GPU for the whole run
-                 (session 14 and 15 measured 22.88 and 48.77 GB for SmolLM2's 0.62 M and 1.32 M tokens: the formula's)
+                 (session 14 and 15 measured 22.88 and 48.77 GB for SmolLM2's 0.62 M and 1.32 M tokens: the formula's).
+                 Where the run and the cache together pass 75 % of the GPU, train keeps the cache in host memory
+                 and the GPU a window of one step's blocks and landing buffers as large: C = 2 * T * grad_accum
 
 The terms are not all alive at once. The peak is the largest of three moments of a step:
 
@@ -71,6 +73,7 @@ import torch
 
 GB = 10**9
 FIT_FRACTION = 0.9
+TRAIN_FIT_FRACTION = 0.75  # what train itself plans within (train._fits_gpu says why)
 KL_CHUNK = 4096  # train.kl_sum
 
 
@@ -213,9 +216,15 @@ def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int 
     counts = count(load_config(config_name), num_experts)
     result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy,
                       cache_tokens=cache_tokens)
+    cache_bytes, cache_on = result["terms"]["teacher_cache"], "device" if cache_tokens else None
+    if cache_tokens and result["total"] > TRAIN_FIT_FRACTION * gpu_memory:  # as train.TeacherCache decides
+        cache_on = "host"
+        result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy,
+                          cache_tokens=2 * batch * grad_accum * seq_len)
     limit = FIT_FRACTION * gpu_memory
     return {"config": config_name, "gpus": gpus, "strategy": strategy, "seq_len": seq_len, "batch_per_gpu": batch,
             "grad_accum": grad_accum, "num_experts": num_experts, "cache_tokens": cache_tokens,
+            "teacher_cache_on": cache_on, "host_memory_teacher_cache": cache_bytes if cache_on == "host" else 0,
             "gpu_memory": gpu_memory, "parameters": {
                 "teacher": counts.teacher, "student": counts.student, "trainable": counts.trainable},
             **result, "fits": result["total"] <= limit, "fits_checkpointed": result["total_checkpointed"] <= limit,
@@ -233,7 +242,8 @@ def format_plan(p: dict) -> str:
             ("hidden states (MSE term)", "hidden"), ("activations, no checkpointing", "activations"),
             ("activations, checkpointing", "activations_checkpointed"),
             ("the first block's activations at the end of backward", "last_block"),
-            ("teacher cache (train --cache-teacher)", "teacher_cache")]
+            ("teacher cache (train --cache-teacher)" if p["teacher_cache_on"] != "host" else
+             "teacher cache's window and landing buffers (the cache on the host)", "teacher_cache")]
     params = p["parameters"]
     sharing = f" ({p['strategy']})" if p["gpus"] > 1 else ""
     lines = [f"plan for {p['config']}: {p['gpus']} GPU(s){sharing}, {p['batch_per_gpu']} x {p['seq_len']} "
@@ -250,4 +260,8 @@ def format_plan(p: dict) -> str:
                  "above is alive at once; plan.py)")
     lines.append(f"host memory while loading: {gb(p['host_memory_rank0_at_load'])} GB on rank 0 (the other ranks: "
                  "their shards only, on the GPU)")
+    if p["teacher_cache_on"] == "host":
+        lines.append(f"teacher cache: {gb(p['host_memory_teacher_cache'])} GB of page-locked host memory (train keeps "
+                     "it there since it does not fit the GPU beside the run, and needs it within half the host's "
+                     "free memory)")
     return "\n".join(lines)
