@@ -23,8 +23,6 @@ student's blocks on their own:
   the time the GPU waits between replays);
 - ``eager-update``, joined to ``cuda-graphs``: AdamW's update run eagerly between replays, as before
   ``GraphedStep.update`` captured it;
-- ``sync-read``, joined to another: the loop waits for each step's loss as soon as it has launched the step, before
-  it launches the update and the next step, as before session 23 (``train.LaunchedStep`` reads it a step later);
 - ``chunked-kl``, joined to another: the vocabulary KL as autograd ops a chunk of tokens at a time, as before its
   Triton kernel (train.kl_sum's CPU path);
 - ``cache`` and ``cuda-graphs+cache``: the teacher's outputs computed once before the first step and gathered from the
@@ -53,10 +51,10 @@ from binarymos.train import TrainConfig, train
 
 # a variant is one of these or several joined by + (cuda-graphs+cache+fused-adamw); eager alone is nothing changed
 PARTS = ("eager", "loss", "teacher", "teacher-graphs", "formula", "fused-adamw", "cuda-graphs", "eager-update",
-         "chunked-kl", "cache", "sync-read")
+         "chunked-kl", "cache")
 DEFAULT_VARIANTS = ("eager", "loss", "teacher", "teacher+loss", "teacher-graphs", "formula", "fused-adamw",
                     "cuda-graphs", "cuda-graphs+fused-adamw", "cache", "cuda-graphs+cache", "cuda-graphs+chunked-kl",
-                    "cuda-graphs+cache+eager-update", "cuda-graphs+cache+sync-read")
+                    "cuda-graphs+cache+eager-update")
 
 
 def _patch(parts: list[str]) -> dict:
@@ -64,14 +62,6 @@ def _patch(parts: list[str]) -> dict:
     saved = {name: getattr(train_mod, name) for name in ("_kl_sum", "hidden_pair", "prepare", "triton_available")}
     if "eager-update" in parts:
         train_mod.GraphedStep.update = lambda step: step.optimizer.step()
-    if "sync-read" in parts:
-        launched = train_mod.LaunchedStep.__init__
-
-        def read_at_once(self, *args):
-            launched(self, *args)
-            self.read()
-
-        train_mod.LaunchedStep.__init__ = read_at_once
     if "chunked-kl" in parts or "loss" in parts:
         train_mod.triton_available = lambda: False  # kl_sum's only use of it
     if "fused-adamw" in parts:
@@ -95,7 +85,6 @@ def _patch(parts: list[str]) -> dict:
 
 def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: int, bf16: bool) -> dict:
     fused_forward, adamw, update = BinaryMoSLinear.forward, torch.optim.AdamW, train_mod.GraphedStep.update
-    launched = train_mod.LaunchedStep.__init__
     parts = variant.split("+")
     saved = _patch(parts)
     torch._dynamo.reset()
@@ -109,7 +98,6 @@ def run(model: str, steps: int, skip: int, variant: str, experts: int, batch: in
             log = train_mod.read_log(out)
     finally:
         BinaryMoSLinear.forward, torch.optim.AdamW, train_mod.GraphedStep.update = fused_forward, adamw, update
-        train_mod.LaunchedStep.__init__ = launched
         for name, value in saved.items():
             setattr(train_mod, name, value)
     a, b = log[skip - 1], log[-1]

@@ -222,34 +222,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(teacher_dir, text_fil
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
-def test_the_loop_reads_a_step_after_launching_the_next_and_every_step_before_a_save(teacher_dir, text_file,
-                                                                                      tmp_path, monkeypatch):
-    """The host waits for a step's loss only once the next step is queued (so the GPU is never left idle while the
-    host launches), and reads every launched step before it writes a checkpoint (so none holds what a NaN did)."""
-    events = []
-    real_step, real_read, real_save = train_mod.step_gradients, train_mod.LaunchedStep.read, train_mod.save_checkpoint
-
-    def step(*args, **kwargs):
-        events.append(f"launch {sum(e.startswith('launch') for e in events)}")
-        return real_step(*args, **kwargs)
-
-    def read(self):
-        events.append(f"read {self.step}")
-        return real_read(self)
-
-    def save(out, student, optimizer, step, *args):
-        events.append(f"save {step}")
-        return real_save(out, student, optimizer, step, *args)
-
-    monkeypatch.setattr(train_mod, "step_gradients", step)
-    monkeypatch.setattr(train_mod.LaunchedStep, "read", read)
-    monkeypatch.setattr(train_mod, "save_checkpoint", save)
-    train(cfg(teacher_dir, text_file, tmp_path / "run", max_steps=5, save_every=2))
-    assert events == ["launch 0", "launch 1", "read 0", "read 1", "save 2", "launch 2", "launch 3", "read 2",
-                      "read 3", "save 4", "launch 4", "read 4", "save 5"]
-    assert [r["step"] for r in train_mod.read_log(tmp_path / "run")] == [1, 2, 3, 4, 5]
-
-
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(teacher_dir, text_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(cfg(teacher_dir, text_file, tmp_path / "none", resume=True))
@@ -854,35 +826,3 @@ def test_cuda_graphs_train_through_both_phases(teacher_dir, text_file, tmp_path)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in graphed[:3]]),
                                torch.tensor([r["loss"] for r in eager[:3]]), rtol=1e-3, atol=0)
     assert all(math.isfinite(r["loss"]) for r in graphed) and (tmp_path / "graphs-True" / "model").is_dir()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("cache", [None, "device", "host"])
-def test_cuda_graphs_loop_never_waits_for_the_gpu_between_saves(teacher_dir, text_file, tmp_path, monkeypatch, cache):
-    """Once both graphs are captured, a step of the loop makes no call that waits for the GPU's queue (torch's
-    sync debug mode raises on one: a value read, a blocking copy), whether its blocks come from the host, from a
-    teacher cache on the device or from one on the host; only the LaunchedStep's own event is waited for."""
-    real_update, real_save, updates = train_mod.GraphedStep.update, train_mod.save_checkpoint, []
-
-    def update(self):
-        real_update(self)
-        updates.append(1)
-        if len(updates) == 2:  # the update's graph captured at the first, replayed at the second
-            torch.cuda.set_sync_debug_mode("error")
-
-    def save(*args):
-        torch.cuda.set_sync_debug_mode(0)  # a checkpoint reads the weights: the one wait, at a save
-        return real_save(*args)
-
-    monkeypatch.setattr(train_mod.GraphedStep, "update", update)
-    monkeypatch.setattr(train_mod, "save_checkpoint", save)
-    if cache == "host":
-        monkeypatch.setattr(train_mod, "_fits_gpu", lambda need, env: False)
-    try:
-        train(cfg(teacher_dir, text_file, tmp_path / "run", device="cuda", max_steps=8, save_every=100, blockwise=0,
-                  cuda_graphs=True, cache_teacher=cache is not None, grad_checkpointing=False))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert len(updates) == 8 and len(train_mod.read_log(tmp_path / "run")) == 8
-    on = json.loads((tmp_path / "run" / "train_config.json").read_text()).get("teacher_cache_on")
-    assert on == cache

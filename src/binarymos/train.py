@@ -297,8 +297,8 @@ def check_resumable(cfg: TrainConfig) -> None:
 def _diverged(what: str, step: int, out: Path) -> TrainingDivergedError:
     found = distributed.latest_checkpoint(out)
     kept = found[0] if found else "none (no checkpoint was written yet)"
-    return TrainingDivergedError(f"{what} at step {step}: training stopped, nothing after the last good checkpoint "
-                                 f"was saved; it is {kept}")
+    return TrainingDivergedError(f"{what} at step {step}: training stopped before the update; "
+                                 f"the last good checkpoint is {kept}")
 
 
 def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -333,7 +333,7 @@ def hidden_pair(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, by_t
 
 def distillation_loss(student_out, teacher_out, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL(teacher || student) over the vocabulary plus the per-layer hidden-state term: (loss, {"kl", "hidden"}),
-    the parts as detached 0-d tensors (reading them is a wait for the GPU, which the loop does a step late)."""
+    the parts as detached 0-d tensors (reading them is a wait for the GPU, which the loop does once a step)."""
     batch, seq = student_out.logits.shape[:2]
     kl = kl_sum(student_out.logits, teacher_out.logits) / (batch * seq if cfg.kl_reduction == "token" else batch)
     hidden = torch.zeros((), device=kl.device)
@@ -515,7 +515,7 @@ class TeacherCache:
         the cache on the host, their blocks copied into the device's window (from the landing buffers where
         ``prefetch`` brought them) and their positions there."""
         if not self.on_host:
-            return [index.to(self.head.weight.device, non_blocking=True) for index in indices]
+            return [index.to(self.head.weight.device) for index in indices]
         rows = torch.cat(indices)
         if self._landing is None:  # the first step: a window and landing buffers of its size, for the whole run
             self.ids, *self.tensors = [t.new_empty((len(rows), *t.shape[1:]), device=self.head.weight.device)
@@ -610,8 +610,8 @@ class GraphedStep:
     ids, the weights and the buffers' values change between replays. Warm-up passes (on a side stream, their
     gradients discarded) run the lazy set-up first: cuBLAS workspaces, Triton's compiled kernels.
 
-    ``update`` is the optimizer's step as a graph of its own, replayed after the step's (the loop reads the step's
-    loss and norm one step later: LaunchedStep). Eager, AdamW walks its parameters in Python every step
+    ``update`` is the optimizer's step as a graph of its own, replayed after the loop has read the step's loss and
+    norm, so a NaN still stops the run before the update. Eager, AdamW walks its parameters in Python every step
     (SmolLM2's ~2,500: 33.5 ms of host time a step against 1.5 ms on the GPU, docs/RESULTS.md), and the GPU waits for
     that between replays. The update is captured with the optimizer made capturable (its step counts on the GPU, each
     group's learning rate a GPU tensor that ``set_lr`` fills, its lazily made state made before the capture), and
@@ -685,36 +685,6 @@ class GraphedStep:
                                "checkpoint)") from err
         self.phase = blockwise
         torch.cuda.empty_cache()  # what the warm-up and the previous phase's graph held
-
-
-class LaunchedStep:
-    """A step the loop has launched and not yet read: its [loss, kl, hidden, gradient norm] on their way to the host,
-    and what the log records of it (the learning-rate factor, the phase, the teacher's share, the clock when it was
-    launched).
-
-    The loop reads a step after it has launched the next one, and ``read`` waits for this step's values alone, so
-    the GPU always has the next step queued: reading each step's loss before launching anything more (as the loop
-    did until session 23) left the GPU idle while the host then launched the update and the next step (a CUDA
-    graph's launch took ~15 ms of host time in session 22's profile, where the GPU ran nothing for ~7 % of each
-    step). A NaN is found one step late, after its update ran; the run stops all the same, and the loop reads every
-    launched step before it saves, so no checkpoint holds what a NaN did. On a GPU the host runs up to two steps
-    ahead, so the log's clock leads the GPU's by as much (~0.4 s for SmolLM2 on an H100)."""
-
-    def __init__(self, stats: torch.Tensor, step: int, lr_factor: float, blockwise: bool, teacher_share: float,
-                 seconds: float):
-        self.step, self.lr_factor, self.blockwise, self.teacher_share = step, lr_factor, blockwise, teacher_share
-        self.seconds, self.time = seconds, time.time()
-        if stats.is_cuda:  # a copy into page-locked memory is queued behind the step, not waited for
-            self.values = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True).copy_(stats, non_blocking=True)
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        else:  # a CUDA graph's replays overwrite its stats: kept apart on the CPU too, where there is none
-            self.values, self.copied = stats.clone(), None
-
-    def read(self) -> list[float]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.values.tolist()
 
 
 def set_lr(group: dict, lr: float) -> None:
@@ -1017,43 +987,11 @@ def train(cfg: TrainConfig):
         with open(log_path, "a") as log:  # a line a kill cut short: the resumed records start on lines of their own
             log.write("\n")
     with bar, open(log_path if env.is_main else os.devnull, "a") as log, _StopOnSigterm() as stop:  # one log: rank 0's
-        t0, step, unlogged, launched = time.perf_counter(), start, None, None
-
-        def settle(done: LaunchedStep | None) -> None:
-            """Read a launched step's loss terms and norm; stop on a NaN, before anything after it is saved; log it."""
-            nonlocal unlogged
-            if done is None:
-                return
-            *parts_read, norm = done.read()
-            terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))  # every rank stops together
-            if not math.isfinite(terms["loss"]):
-                raise _diverged(f"loss is {terms['loss']}", done.step, out)
-            if not math.isfinite(norm):
-                raise _diverged(f"gradient norm is {norm}", done.step, out)
-            if unlogged is not None and unlogged.get("blockwise") and not done.blockwise:  # the phase's last step
-                log.write(json.dumps(unlogged) + "\n")
-            rate = (done.step + 1 - start) * tokens_per_step / (done.seconds - trained_seconds)
-            unlogged = {"step": done.step + 1, "tokens": (done.step + 1) * tokens_per_step,
-                        **{k: round(v, 6) for k, v in terms.items()},
-                        **{f"lr_{name}": group["base_lr"] * done.lr_factor
-                           for name, group in zip(("weight", "scale"), optimizer.param_groups)},
-                        **({"blockwise": True} if done.blockwise else {}),
-                        **({"teacher_share": round(done.teacher_share, 6)}
-                           if done.blockwise and teacher_share is not None else {}),
-                        "tokens_per_s": round(rate, 1), "train_seconds": round(done.seconds, 3),
-                        "time": round(done.time, 3)}
-            if (done.step + 1) % cfg.log_every == 0 or done.step + 1 == steps:
-                log.write(json.dumps(unlogged) + "\n")
-                log.flush()
-                unlogged = None
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
-                                tok_s=f"{rate:.0f}")
-
+        t0, step, unlogged = time.perf_counter(), start, None
         while steps is None or step < steps:
             # the same clock and stop decision on every rank (one process: no communication)
             clock = env.mean({"seconds": trained_seconds + time.perf_counter() - t0, "stop": float(stop.requested)})
             if clock["stop"]:
-                settle(launched)
                 save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
                 raise TrainingStopped(f"stopped by SIGTERM after step {step}; the checkpoint in {out} holds it: "
                                       "the same command with --resume continues")
@@ -1072,34 +1010,54 @@ def train(cfg: TrainConfig):
             share = min(1.0, 1 - (progress - cfg.blockwise) / cfg.blockwise_anneal) if cfg.blockwise_anneal else 1.0
             if teacher_share is not None:
                 teacher_share.fill_(share)
+            if unlogged is not None and unlogged.get("blockwise") and not blockwise:  # the phase's last step, logged
+                log.write(json.dumps(unlogged) + "\n")
+                unlogged = None
             indices = [batch_indices(step, micro, cfg, len(blocks), env.rank, env.world_size)
                        for micro in range(cfg.grad_accum)]
-            batches = (teacher.batches(indices) if cfg.cache_teacher else
-                       [blocks[i].to(device, non_blocking=True) for i in indices])
+            batches = teacher.batches(indices) if cfg.cache_teacher else [blocks[i].to(device) for i in indices]
             stats = (graphed(batches, blockwise) if graphed else
                      step_gradients(teacher, student, batches, cfg, blockwise, autocast, ddp, teacher_share))
-            previous, launched = launched, LaunchedStep(stats, step, factor, blockwise, share,
-                                                        trained_seconds + time.perf_counter() - t0)
             if cfg.cache_teacher and teacher.on_host:  # the next step's blocks cross over while this step runs
                 teacher.prefetch([batch_indices(step + 1, micro, cfg, len(blocks), env.rank, env.world_size)
                                   for micro in range(cfg.grad_accum)])
-            settle(previous)  # the step before, one step late: the GPU has this one queued meanwhile
+            # the step's one wait for the GPU: reading the loss earlier (before the backward) would leave the
+            # GPU idle while the host launches the backward; a NaN still stops the run before the update, and
+            # every rank stops together
+            *parts_read, norm = stats.tolist()
+            terms = env.mean(dict(zip(("loss", "kl", "hidden"), parts_read)))
+            if not math.isfinite(terms["loss"]):
+                raise _diverged(f"loss is {terms['loss']}", step, out)
+            if not math.isfinite(norm):
+                raise _diverged(f"gradient norm is {norm}", step, out)
             if graphed:  # its replays write the gradients into the tensors its capture made: no zero_grad
                 graphed.update()
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step += 1
-            bar.update(1 if steps else min(round(launched.seconds), round(budget)) - bar.n)
-            if step % cfg.save_every == 0 or step == steps:
-                settle(launched)  # no checkpoint holds what a NaN did
-                launched = None
-                save_checkpoint(out, student, optimizer, step, cfg, env, trained_seconds + time.perf_counter() - t0)
-        settle(launched)
+            seconds = trained_seconds + time.perf_counter() - t0  # this rank's; logged and saved by rank 0
+            last = step == steps
+            rate = (step - start) * tokens_per_step / (time.perf_counter() - t0)
+            unlogged = {"step": step, "tokens": step * tokens_per_step, **{k: round(v, 6) for k, v in terms.items()},
+                        **{f"lr_{name}": group["base_lr"] * factor
+                           for name, group in zip(("weight", "scale"), optimizer.param_groups)},
+                        **({"blockwise": True} if blockwise else {}),
+                        **({"teacher_share": round(share, 6)} if blockwise and teacher_share is not None else {}),
+                        "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
+            if step % cfg.log_every == 0 or last:
+                log.write(json.dumps(unlogged) + "\n")
+                log.flush()
+                unlogged = None
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", kl=f"{terms['kl']:.4f}", hid=f"{terms['hidden']:.4f}",
+                                tok_s=f"{rate:.0f}")
+            bar.update(1 if steps else min(round(seconds), round(budget)) - bar.n)
+            if step % cfg.save_every == 0 or last:
+                save_checkpoint(out, student, optimizer, step, cfg, env, seconds)
         if unlogged is not None:  # a time budget's last step, known only now
             log.write(json.dumps(unlogged) + "\n")
-        if budget is not None:  # saved with a clock past the budget, so a resume does not step again
-            save_checkpoint(out, student, optimizer, step, cfg, env, trained_seconds + time.perf_counter() - t0)
+        if budget is not None:  # saved with the clock that ended the budget, so a resume does not step again
+            save_checkpoint(out, student, optimizer, step, cfg, env, clock["seconds"])
     optimizer.zero_grad(set_to_none=True)  # a graph's gradients outlive its replays (eager's are gone already)
     del graphed  # and its memory pool goes back before the model is saved
     student = distributed.unwrap(student)
