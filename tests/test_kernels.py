@@ -39,7 +39,8 @@ def kernels():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 37])  # decode with one token, with several; prefill
-@pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (136, 48, 2, False)])
+@pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (136, 48, 2, False),
+                                                      (200, 70, 8, False), (136, 48, 3, True)])  # E=8: docs' best
 def test_matches_float32_layer(kernels, dtype, m, in_f, out_f, experts, bias):
     layer = make_layer(in_f, out_f, experts, bias, seed=m)
     packed = PackedBinaryMoSLinear.from_binarized(layer, dtype=dtype)
@@ -152,6 +153,8 @@ def run_m1(kernels, in_f, out_f, experts, bias, dtype, config=None, seed=0):
     (256, 40, 1, False),  # one expert: no router
     (224, 48, 4, False),  # 7 words a row: row starts 4-byte aligned only
     (250, 40, 2, True),   # 32 bytes a row, the last 6 inputs padding
+    (256, 72, 8, True),   # eight experts (the quality study's best, docs/QUALITY.md)
+    (256, 40, 3, False),  # an expert count that is no power of two
 ])
 def test_m1_gemv_matches_float64(kernels, gemv_calls, dtype, in_f, out_f, experts, bias):
     y, ref = run_m1(kernels, in_f, out_f, experts, bias, dtype)

@@ -172,7 +172,8 @@ def test_sign_baseline_is_sign_times_row_mean_abs():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (61, 24, 2, True)])
+@pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (61, 24, 2, True),
+                                                      (64, 32, 8, False)])
 def test_the_cpu_products_match_the_formula_in_float64(dtype, tol, in_f, out_f, experts, bias):
     """Both CPU paths: the byte-table product (few tokens, the weight never unpacked) and unpacking + matmul."""
     from pack_helpers import make_layer, reference64, rel_err
