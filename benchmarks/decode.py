@@ -2,7 +2,7 @@
 
 Random weights (speed needs no trained ones) in a Hugging Face model built from a config on the
 GPU; the packed variant swaps every linear layer of the decoder blocks for a PackedBinaryMoSLinear
-(E = 4) with random signs, router and scales; embeddings, norms and the LM head stay fp16. Both run
+(E = 4, or --experts) with random signs, router and scales; embeddings, norms and the LM head stay fp16. Both run
 the same loop: the prompt through the model once, then one CUDA graph per generated token that
 runs the model on the last token with a static KV cache, takes the argmax and feeds it back, all
 on the device (no host synchronisation between tokens). Reports tokens/s and peak GPU memory.
@@ -109,13 +109,13 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = 
     return start.elapsed_time(end) / 1e3, tokens
 
 
-def run(names, batches, prompt_len, new_tokens, compile=False) -> list[dict]:
+def run(names, batches, prompt_len, new_tokens, compile=False, experts: int = 4) -> list[dict]:
     rows = []
     for name in names:
         model = build_model(name)
         for variant in ("fp16", "binarymos"):
             if variant == "binarymos":
-                pack_randomly(model)
+                pack_randomly(model, experts)
             gc.collect()
             torch.cuda.empty_cache()
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -138,10 +138,11 @@ def run(names, batches, prompt_len, new_tokens, compile=False) -> list[dict]:
     return rows
 
 
-def markdown(rows, prompt_len, new_tokens, compile=False) -> str:
+def markdown(rows, prompt_len, new_tokens, compile=False, experts: int = 4) -> str:
     lines = [f"Device: {torch.cuda.get_device_name()}; {datetime.date.today().isoformat()}; torch {torch.__version__}. "
              f"Greedy decoding, prompt {prompt_len} tokens, {new_tokens} new tokens timed, one CUDA graph per token"
-             f"{' of a torch.compile-d forward (both variants)' if compile else ''}, static KV cache, random weights.",
+             f"{' of a torch.compile-d forward (both variants)' if compile else ''}, static KV cache, random weights, "
+             f"E = {experts}.",
              "",
              "| model shape | batch | fp16 tok/s | BinaryMoS tok/s | speed-up | fp16 weights / peak GB "
              "| BinaryMoS weights / peak GB |", "|---|---|---|---|---|---|---|"]
@@ -163,13 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--out", default=None, help="markdown file (default: $OUT/decode.md, else stdout only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of both variants")
+    p.add_argument("--experts", "-E", type=int, default=4, help="scaling experts of the packed layers (default 4)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU", file=sys.stderr)
         return 1
     rows = run(args.models.split(","), [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens,
-               args.compile)
-    text = markdown(rows, args.prompt_len, args.new_tokens, args.compile)
+               args.compile, args.experts)
+    text = markdown(rows, args.prompt_len, args.new_tokens, args.compile, args.experts)
     out = args.out or (os.path.join(os.environ["OUT"], "decode.md") if os.environ.get("OUT") else None)
     if out:
         Path(out).write_text(text)

@@ -56,12 +56,12 @@ def reference64(x: torch.Tensor, layer: dict) -> torch.Tensor:
                                        layer["scale_in"].double(), layer["scale_out"].double(), None)
 
 
-def check(shapes, ms, dtypes, device) -> list[tuple]:
+def check(shapes, ms, dtypes, device, experts: int = 4) -> list[tuple]:
     """Relative error of ours against float64, output poisoned before the run; NaN if a value was left unwritten."""
     rows = []
     for dtype in dtypes:
         for in_f, out_f in shapes:
-            layer = random_layer(in_f, out_f, 4, dtype, device, seed=in_f + out_f)
+            layer = random_layer(in_f, out_f, experts, dtype, device, seed=in_f + out_f)
             for m in ms:
                 x = torch.randn(m, in_f, device=device).to(dtype)
                 ref = reference64(x, layer)
@@ -132,9 +132,9 @@ def copies(nbytes: int) -> int:
     return max(2, min(64, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def ours_calls(in_f, out_f, m, dtype, device, config=None):
-    layer_bytes = out_f * ((in_f + 7) // 8) + 2 * 4 * (2 * in_f + out_f)
-    layers = [random_layer(in_f, out_f, 4, dtype, device, seed=i) for i in range(copies(layer_bytes))]
+def ours_calls(in_f, out_f, m, dtype, device, config=None, experts: int = 4):
+    layer_bytes = out_f * ((in_f + 7) // 8) + 2 * experts * (2 * in_f + out_f)
+    layers = [random_layer(in_f, out_f, experts, dtype, device, seed=i) for i in range(copies(layer_bytes))]
     x = torch.randn(m, in_f, device=device).to(dtype)
     outs = [torch.empty(m, out_f, device=device, dtype=dtype) for _ in layers]
     return [lambda l=l, o=o: binary_mos_linear_triton(x, **l, config=config, out=o) for l, o in zip(layers, outs)]
@@ -146,11 +146,11 @@ def cublas_calls(in_f, out_f, m, dtype, device):
     return [lambda w=w: F.linear(x, w) for w in weights]
 
 
-def reference_calls(in_f, out_f, m, dtype, device):
+def reference_calls(in_f, out_f, m, dtype, device, experts: int = 4):
     """The authors' way: the fp16 latent weight binarized on every call, scales mixed in PyTorch."""
     layers = []
     for _ in range(copies(2 * in_f * out_f)):
-        layer = BinaryMoSLinear(in_f, out_f, num_experts=4, device=device, dtype=dtype).eval()
+        layer = BinaryMoSLinear(in_f, out_f, num_experts=experts, device=device, dtype=dtype).eval()
         layer.requires_grad_(False)
         layers.append(layer)
     x = torch.randn(m, in_f, device=device, dtype=dtype)
@@ -164,17 +164,18 @@ def ideal_bytes(in_f, out_f, m, experts=4) -> tuple[int, int]:
     return ours, 2 * in_f * out_f + acts
 
 
-def benchmark(shapes, ms, device, on_row=lambda rows, bw: None) -> tuple[list[dict], float]:
-    """One row per shape and M."""
+def benchmark(shapes, ms, device, on_row=lambda rows, bw: None, experts: int = 4) -> tuple[list[dict], float]:
+    """One row per shape and M, ours and the reference with ``experts`` experts."""
     bw = copy_bandwidth(device)
     rows = []
     for in_f, out_f in shapes:
         for m in ms:
-            ours_b, dense_b = ideal_bytes(in_f, out_f, m)
+            ours_b, dense_b = ideal_bytes(in_f, out_f, m, experts)
             row = {"shape": f"{in_f}->{out_f}", "M": m, "roofline_us": ours_b / bw * 1e6,
                    "cublas_roofline_us": dense_b / bw * 1e6}
-            for name, make in (("cublas", cublas_calls), ("reference", reference_calls), ("ours", ours_calls)):
-                row |= time_eager_and_graph(name, make(in_f, out_f, m, torch.float16, device))
+            row |= time_eager_and_graph("cublas", cublas_calls(in_f, out_f, m, torch.float16, device))
+            row |= time_eager_and_graph("reference", reference_calls(in_f, out_f, m, torch.float16, device, experts))
+            row |= time_eager_and_graph("ours", ours_calls(in_f, out_f, m, torch.float16, device, experts=experts))
             rows.append(row)
             print(f"{row['shape']:>12} M={m:<5} cuBLAS {row['cublas_graph']:8.1f} us  ours {row['ours_graph']:8.1f} us  "
                   f"({row['cublas_graph'] / row['ours_graph']:.2f}x, "
@@ -209,7 +210,7 @@ def variant(cfg: dict) -> str:
     return "router launch + PDL" if cfg.get("PDL") else "router launch, no PDL"
 
 
-def sweep(shapes, ms, device, decode_configs: int | None = None) -> list[tuple]:
+def sweep(shapes, ms, device, decode_configs: int | None = None, experts: int = 4) -> list[tuple]:
     """CUDA-graph time and error of every tile config, per shape and M; returns (shape, M, config, us) rows.
     For 2 <= M <= 16: the default tile with PDL off and on, then DECODE_SWEEP's tiles (PDL off), the first
     ``decode_configs`` of these (None: all)."""
@@ -217,14 +218,14 @@ def sweep(shapes, ms, device, decode_configs: int | None = None) -> list[tuple]:
     for in_f, out_f in shapes:
         for m in ms:
             print(f"{in_f}->{out_f} M={m} cuBLAS fp16 {time_calls(cublas_calls(in_f, out_f, m, torch.float16, device), True):.1f} us")
-            layer = random_layer(in_f, out_f, 4, torch.float16, device)
+            layer = random_layer(in_f, out_f, experts, torch.float16, device)
             x = torch.randn(m, in_f, device=device).half()
             ref = reference64(x, layer)
             prefill = [{"PREP_BLOCK_M": b} for b in PREP_BLOCK_M_SWEEP]
             decode = [dict(decode_config(m, out_f, in_f), PDL=pdl) for pdl in (0, 1)] + DECODE_SWEEP
             for cfg in gemv_sweep(in_f, out_f) if m == 1 else decode[:decode_configs] if m <= 16 else prefill:
                 try:
-                    us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg), graph=True)
+                    us = time_calls(ours_calls(in_f, out_f, m, torch.float16, device, cfg, experts), graph=True)
                     err = ((binary_mos_linear_triton(x, **layer, config=cfg).double() - ref).norm() / ref.norm()).item()
                 except Exception as e:  # a tile too large for the shared memory, say
                     print(f"  {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
@@ -234,9 +235,9 @@ def sweep(shapes, ms, device, decode_configs: int | None = None) -> list[tuple]:
     return rows
 
 
-def markdown(rows, bw, check_rows, device_name) -> str:
+def markdown(rows, bw, check_rows, device_name, experts: int = 4) -> str:
     lines = [f"Device: {device_name}; {datetime.date.today().isoformat()}; torch {torch.__version__}; "
-             f"measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write).", "",
+             f"measured copy bandwidth {bw / 1e12:.2f} TB/s (read + write); E = {experts}.", "",
              "Microseconds per call, median; CUDA graph = replay of a captured graph of calls. Ours at % of the "
              "HBM roofline = (fewest bytes moved / copy bandwidth) / time.", "",
              "| shape (in->out) | M | cuBLAS fp16 eager | cuBLAS fp16 graph | reference eager | reference graph "
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--m", default=None, help="token counts to time, comma-separated (default 1,16,256,2048)")
     p.add_argument("--sweep", action="store_true", help="time the tile configs instead, print the best per shape")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--experts", "-E", type=int, default=4, help="scaling experts of the timed layers (default 4)")
     p.add_argument("--decode-configs", type=int, default=None,
                    help="--sweep at 2 <= M <= 16: time only the first N configs (2: the default tile, PDL off and on)")
     args = p.parse_args(argv)
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else PAPER_SHAPES
     ms = [int(v) for v in args.m.split(",")] if args.m else TIMED_M
     if args.sweep:
-        rows = sweep(shapes, ms, device, args.decode_configs)
+        rows = sweep(shapes, ms, device, args.decode_configs, args.experts)
         for key in sorted({(s, m) for s, m, _, _ in rows}):
             sel = [r for r in rows if (r[0], r[1]) == key]
             best = min(sel, key=lambda r: r[-1])
@@ -288,16 +290,16 @@ def main(argv=None) -> int:
                     b = min((r for r in sel if variant(r[2]) == name), key=lambda r: r[-1])
                     print(f"    {name:<26} {b[3]:.1f} us {b[2]}")
         return 0
-    check_rows = [] if args.no_check else (check(shapes, CHECKED_M, [torch.float16], device)
-                                           + check(shapes, [1, 16, 2048], [torch.bfloat16], device))
+    check_rows = [] if args.no_check else (check(shapes, CHECKED_M, [torch.float16], device, args.experts)
+                                           + check(shapes, [1, 16, 2048], [torch.bfloat16], device, args.experts))
     bad = [r for r in check_rows if not r[-1] < 1e-2]
     out = args.out or (os.path.join(os.environ["OUT"], "linear_latency.md") if os.environ.get("OUT") else None)
 
     def write(rows, bw):  # after every row, so that a run cut short keeps what it measured
         if out:
-            Path(out).write_text(markdown(rows, bw, check_rows, torch.cuda.get_device_name()))
+            Path(out).write_text(markdown(rows, bw, check_rows, torch.cuda.get_device_name(), args.experts))
 
-    rows, bw = benchmark(shapes, ms, device, write)
+    rows, bw = benchmark(shapes, ms, device, write, args.experts)
     print(markdown(rows, bw, check_rows, torch.cuda.get_device_name()))
     if bad:
         print(f"linear_latency: {len(bad)} checks over 1e-2: {bad}", file=sys.stderr)
