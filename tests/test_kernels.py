@@ -40,7 +40,7 @@ def kernels():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 37])  # decode with one token, with several; prefill
 @pytest.mark.parametrize("in_f, out_f, experts, bias", [(200, 70, 4, True), (72, 40, 1, False), (136, 48, 2, False),
-                                                      (200, 70, 8, False), (136, 48, 3, True)])  # E=8: docs' best
+                                                      (200, 70, 8, False), (136, 48, 3, True)])  # E=8: QUALITY.md's best
 def test_matches_float32_layer(kernels, dtype, m, in_f, out_f, experts, bias):
     layer = make_layer(in_f, out_f, experts, bias, seed=m)
     packed = PackedBinaryMoSLinear.from_binarized(layer, dtype=dtype)

@@ -256,7 +256,8 @@ def test_teacher_cache_is_the_bytes_measured_and_counts_throughout_the_step(caps
     # holds one step's blocks twice (window and landing buffers): 2 x 8 x 2048 tokens x 32 tensors x 576 x 2 bytes
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert f"| teacher cache's window and landing buffers (the cache on the host) | {2 * 8 * 2048 * 32 * 576 * 2 / GB:.2f} |" in out
+    window = 2 * 8 * 2048 * 32 * 576 * 2
+    assert f"| teacher cache's window and landing buffers (the cache on the host) | {window / GB:.2f} |" in out
     assert "teacher cache: 22.88 GB of page-locked host memory" in out
     assert cli.main(["plan", "--config", "smollm2-135m", "--gpus", "2", "--cache-tokens", "2048"]) == 2
     assert "one GPU" in capsys.readouterr().err
