@@ -20,6 +20,7 @@
 #   bash benchmarks/quality_study.sh probe        # tokens/s of one run alone per GPU, 4 settings (GPUs 0-3)
 #   bash benchmarks/quality_study.sh compare      # fp,sign,onebit,mos2,mos4,mos8 at 2 M tokens (GPUs 2,3)
 #   bash benchmarks/quality_study.sh levers       # paper recipe and one lever at a time, 2 M tokens (GPU 0)
+#   bash benchmarks/quality_study.sh gputests     # training's GPU tests, into $OUT/gputests.txt (~1 minute)
 #
 # Budgets are minutes of the training loop (`train --max-minutes`: the schedule runs over that time;
 # loading and evaluation are outside it); `binarymos eval` scores each saved model afterwards. A run
@@ -386,6 +387,11 @@ compare)
         --gpus 2,3 --parallel 6 --threads 4 --deadline 530 --out "$W/cmp2M" > "$W/cmp2M.log" 2>&1
     cat "$W/cmp2M/compare.md"
     ;;
+gputests)  # training's GPU tests (CUDA graphs, the teacher cache, the KL kernel; tiny models, ~1 minute)
+    : "${BINARYMOS_DATA_DIR:?the tests read the copied text there (the device has no ../shared/data)}"
+    python -m pytest -q tests/test_train.py -k "cuda_graphs or teacher_cache or kl_sum" 2>&1 | tail -n 15 \
+        | tee "$OUT/gputests.txt"
+    ;;
 levers)
     python benchmarks/recipe_sweep.py --model $M --variants "${LEVERS:-paper,teacher,norms,clip2,lr4e-4}" \
         --gpus 0 --parallel 6 --threads 4 --deadline 480 --out "$W/levers" > "$W/levers.log" 2>&1
@@ -393,4 +399,4 @@ levers)
     cat "$W/levers/compare.md"
     ;;
 esac
-[ "$STEP" = lanes ] || [ "$STEP" = session ] || pack
+case $STEP in lanes | session | gputests) ;; *) pack ;; esac
