@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of both variants")
     p.add_argument("--experts", "-E", type=int, default=4, help="scaling experts of the packed layers (default 4)")
     args = p.parse_args(argv)
+    if args.experts < 1:
+        p.error("--experts must be >= 1")
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU", file=sys.stderr)
         return 1

@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-configs", type=int, default=None,
                    help="--sweep at 2 <= M <= 16: time only the first N configs (2: the default tile, PDL off and on)")
     args = p.parse_args(argv)
+    if args.experts < 1:
+        p.error("--experts must be >= 1")
     if not torch.cuda.is_available():
         print("linear_latency: needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
             Path(out).write_text(markdown(rows, bw, check_rows, torch.cuda.get_device_name(), args.experts))
 
     rows, bw = benchmark(shapes, ms, device, write, args.experts)
-    print(markdown(rows, bw, check_rows, torch.cuda.get_device_name()))
+    print(markdown(rows, bw, check_rows, torch.cuda.get_device_name(), args.experts))
     if bad:
         print(f"linear_latency: {len(bad)} checks over 1e-2: {bad}", file=sys.stderr)
         return 1
