@@ -11,7 +11,7 @@
 #   bash benchmarks/quality_study.sh session fused       # 1 GPU, ~10 minutes + runs: the fused training layer, then RUNS
 #   bash benchmarks/quality_study.sh session study9      # 2 GPUs, ~15 minutes: six recipes at 10 M tokens, 3 per GPU
 #   RUNS="e4:20" bash benchmarks/quality_study.sh session alone  # 1 GPU: each run of RUNS alone, one after the other
-#                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, eN, paper, b16, bwN, lr2,
+#                                   # (NAME:MINUTES or NAME:10M for 10 M tokens; NAME e4, eN, paper, bN, bwN, lr2,
 #                                   # lr05, hidN, seqN, norms, alltext, teachN, graphs, cache, anneal10, anneal25, xnoiseN or gemma, joined by +: lanes-alone below)
 #   bash benchmarks/quality_study.sh poll SECONDS # waits for the session (at most SECONDS), packs results
 #   (the alltext lever reads the calib text from the exllamav2 wheel: put it beside gguf's in .device/whl,
@@ -298,8 +298,8 @@ EOF
 lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET of RUNS (default "e4:20") alone on the
     # GPU, one after the other, so that their tokens per minute are their own. BUDGET is minutes of training, or
     # millions of tokens with an M (10M: comparable across machines of different speed). NAME e4 is the default
-    # recipe at E=4, eN (e1, e2, e8, e16) at that E, paper the authors' recipe at E=4, and one lever each at E=4: b16 batch
-    # 16, seqN sequences of N tokens (seq1024: 16 of them a step, the same 16,384 tokens), bwN --blockwise N/100 (bw12: the first 12 %), lr2 and lr05 both learning rates doubled and halved, hidN --hidden-weight N, norms
+    # recipe at E=4, eN (e1, e2, e8, e16) at that E, paper the authors' recipe at E=4, and one lever each at E=4: bN batch
+    # N (b16, b4; after seqN it sets that run's batch), seqN sequences of N tokens (seq1024: 16 of them a step, the same 16,384 tokens), bwN --blockwise N/100 (bw12: the first 12 %), lr2 and lr05 both learning rates doubled and halved, hidN --hidden-weight N, norms
     # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
     # the default recipe with each step replayed as a CUDA graph (--cuda-graphs), cache the teacher's outputs computed
     # once before the first step (--cache-teacher), anneal10 and anneal25
@@ -325,7 +325,7 @@ lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET o
             e4) ;;
             e[0-9]*) extra+=" -E ${part#e}" ;;
             paper) extra+=" --recipe paper" ;;
-            b16) extra+=" --batch-size 16" ;;
+            b[0-9]*) extra+=" --batch-size ${part#b}" ;;
             seq[0-9]*) extra+=" --seq-len ${part#seq} --batch-size $((8 * 2048 / ${part#seq}))" ;;
             bw[0-9]*) extra+=" --blockwise $(awk "BEGIN { print ${part#bw} / 100 }")" ;;
             lr2) extra+=" --lr-weight 4e-4 --lr-scale 2e-2" ;;
