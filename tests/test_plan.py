@@ -189,11 +189,13 @@ LLAMA_2_7B_8_BLOCKS = dict(model_type="llama", hidden_size=4096, intermediate_si
 # sessions 2-4 ran autograd of the layer's formula (fused_layer=False), session 8 the fused layer
 MEASURED_PEAKS = [
     (SMOLLM2, 1, "fsdp", 4, 2, True, False, False, 9.59), (SMOLLM2, 2, "fsdp", 4, 1, True, False, False, 7.70),
-    (LLAMA_2_7B_8_BLOCKS, 1, "fsdp", 1, 2, True, False, False, 39.32), (LLAMA_2_7B_8_BLOCKS, 2, "fsdp", 1, 1, True, False, False, 20.13),
+    (LLAMA_2_7B_8_BLOCKS, 1, "fsdp", 1, 2, True, False, False, 39.32),
+    (LLAMA_2_7B_8_BLOCKS, 2, "fsdp", 1, 1, True, False, False, 20.13),
     (SMOLLM2, 1, "fsdp", 8, 2, False, False, False, 64.13), (SMOLLM2, 1, "fsdp", 8, 1, False, False, False, 63.66),
     (SMOLLM2, 2, "fsdp", 8, 1, False, False, False, 42.41), (SMOLLM2, 2, "ddp", 8, 1, False, False, False, 64.10),
     (SMOLLM2, 1, "fsdp", 8, 2, False, True, False, 43.66), (SMOLLM2, 2, "ddp", 8, 1, False, True, False, 43.60),
-    (LLAMA_2_7B_8_BLOCKS, 1, "fsdp", 1, 2, False, False, False, 51.10), (LLAMA_2_7B_8_BLOCKS, 2, "ddp", 1, 1, False, False, False, 51.10),
+    (LLAMA_2_7B_8_BLOCKS, 1, "fsdp", 1, 2, False, False, False, 51.10),
+    (LLAMA_2_7B_8_BLOCKS, 2, "ddp", 1, 1, False, False, False, 51.10),
     (LLAMA_2_7B_8_BLOCKS, 2, "fsdp", 1, 1, False, False, False, 27.56),
     (SMOLLM2, 1, "fsdp", 8, 1, False, True, True, 33.1), (SMOLLM2, 1, "fsdp", 16, 1, False, True, True, 61.5),
 ]

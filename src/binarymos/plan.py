@@ -212,7 +212,8 @@ def plan(config_name: str, gpus: int, seq_len: int, batch: int, gpu_memory: int 
     if min(gpus, seq_len, batch, num_experts, grad_accum) < 1:
         raise ValueError("plan: --gpus, --seq-len, --batch, --grad-accum and --num-experts must be >= 1")
     if cache_tokens < 0 or (cache_tokens and gpus > 1):
-        raise ValueError("plan: --cache-tokens must be >= 0, and the teacher cache is for one GPU (train --cache-teacher)")
+        raise ValueError("plan: --cache-tokens must be >= 0, and the teacher cache is for one GPU "
+                         "(train --cache-teacher)")
     counts = count(load_config(config_name), num_experts)
     result = estimate(counts, gpus, seq_len, batch, grad_accum=grad_accum, strategy=strategy,
                       cache_tokens=cache_tokens)
