@@ -387,9 +387,10 @@ compare)
         --gpus 2,3 --parallel 6 --threads 4 --deadline 530 --out "$W/cmp2M" > "$W/cmp2M.log" 2>&1
     cat "$W/cmp2M/compare.md"
     ;;
-gputests)  # training's GPU tests (CUDA graphs, the teacher cache, the KL kernel; tiny models, ~1 minute)
+gputests)  # training's GPU tests (CUDA graphs, the teacher cache, the KL kernel, the training layer; ~1 minute)
     : "${BINARYMOS_DATA_DIR:?the tests read the copied text there (the device has no ../shared/data)}"
-    python -m pytest -q tests/test_train.py -k "cuda_graphs or teacher_cache or kl_sum" 2>&1 | tail -n 15 \
+    python -m pytest -q tests/test_train.py tests/test_nn.py -k "cuda_graphs or teacher_cache or on_the_gpu" 2>&1 \
+        | tail -n 15 \
         | tee "$OUT/gputests.txt"
     ;;
 levers)

@@ -393,6 +393,56 @@ def test_scale_rows_backward_matches_float64(monkeypatch, m, d, experts, dtype, 
     torch.testing.assert_close(grad_gates.double(), u @ scales.double().T, rtol=1e-5, atol=1e-4)
 
 
+def _both(name: str):
+    """The plain-PyTorch function of binarymos.kernels and its Triton twin (what a GPU runs)."""
+    import binarymos.kernels as dispatch
+    from binarymos.kernels import training
+
+    return [getattr(dispatch, name), getattr(training, f"{name}_triton")]
+
+
+@pytest.mark.parametrize("shape", [(70, 130), (1, 1), (33, 1025), (0, 8)])  # 1025: two programs, the second partial
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_signs_are_plus_one_from_zero_up_and_minus_one_below(shape, dtype):
+    weight = torch.randn(shape)
+    weight.view(-1)[: min(3, weight.numel())] = torch.tensor([0.0, -0.0, float("nan")])[: min(3, weight.numel())]
+    want = [1.0 if w >= 0 else -1.0 for w in weight.view(-1).tolist()]  # NaN >= 0 is False: -1
+    for signs in _both("signs"):
+        out = signs(weight, dtype)
+        assert out.dtype == dtype and out.shape == weight.shape
+        assert out.view(-1).tolist() == want
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.3])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_ste_gradient_passes_where_the_weight_is_within_the_clip(clip, grad_dtype):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(33, 1025, generator=g)
+    weight.view(-1)[:2] = torch.tensor([clip, -clip])  # on the edge: passed
+    grad = torch.randn(33, 1025, generator=g).to(grad_dtype)
+    edge = float(torch.tensor(clip))  # compared in the weight's float32, as PyTorch compares a tensor with a number
+    want = [gr if abs(w) <= edge else 0.0 for w, gr in zip(weight.view(-1).tolist(), grad.float().view(-1).tolist())]
+    for ste_gradient in _both("ste_gradient"):
+        out = ste_gradient(weight, grad, clip)
+        assert out.dtype == weight.dtype and out.view(-1).tolist() == want
+
+
+@pytest.mark.parametrize("m, experts", [(300, 4), (1, 2), (37, 8), (5, 3)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_gates_backward_is_the_softmax_gradient_in_float64(m, experts, out_dtype):
+    """d logits for gates = softmax(logits) and d gates = a + b, against autograd of softmax in float64."""
+    g = torch.Generator().manual_seed(m)
+    logits = torch.randn(m, experts, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b = torch.randn(m, experts, generator=g), torch.randn(m, experts, generator=g)
+    torch.softmax(logits, -1).backward(a.double() + b.double())
+    gates = torch.softmax(logits.detach(), -1).float()
+    tol = 2 ** -8 if out_dtype == torch.bfloat16 else 1e-6
+    for gates_backward in _both("gates_backward"):
+        out = gates_backward(gates, a, b, out_dtype)
+        assert out.dtype == out_dtype and out.shape == (m, experts)
+        assert ((out.double() - logits.grad).abs() <= tol * logits.grad.abs() + 1e-6).all()
+
+
 @pytest.mark.parametrize("experts", [4, 2])
 def test_training_layer_on_the_triton_kernels_matches_float64(monkeypatch, experts):
     """BinaryMoSLinear's forward and backward with the Triton row kernels (as on a GPU) against
@@ -402,6 +452,8 @@ def test_training_layer_on_the_triton_kernels_matches_float64(monkeypatch, exper
 
     monkeypatch.setattr(dispatch, "scale_rows", scale_rows_triton)
     monkeypatch.setattr(dispatch, "scale_rows_backward", scale_rows_backward_triton)
+    for name in ("signs", "ste_gradient", "gates_backward"):
+        monkeypatch.setattr(dispatch, name, _both(name)[1])
     layer = make_layer(72, 40, experts, bias=True).train()
     x = torch.randn(3, 25, 72, requires_grad=True)
     upstream = torch.randn(3, 25, 40)

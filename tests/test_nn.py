@@ -8,6 +8,7 @@ from torch import nn
 
 from binarymos import BinaryMoSLinear, SignLinear
 from binarymos.nn import PackedBinaryMoSLinear, token_scales
+from pack_helpers import rel_err
 
 
 def formula(x, weight, router, scale_in, scale_out, bias=None):
@@ -113,6 +114,34 @@ def test_every_gradient_matches_autograd_of_the_formula(experts, bias):
             assert p.grad is None  # no router with one expert
             continue
         torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the training layer's Triton kernels run on a GPU")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_layer_on_the_gpu_matches_the_formula_in_float64(autocast):
+    """The fused layer on a GPU (its Triton passes compiled, not interpreted), at a SmolLM2 MLP's shape with latent
+    weights beyond the clip: the output and every gradient against autograd of the formula in float64, in float32
+    (no TF32) and under bf16 autocast as in training (16-bit products: ~2^-9 a rounding)."""
+    layer = random_layer(in_f=576, out_f=1536, experts=4).cuda()
+    with torch.no_grad():
+        layer.weight.mul_(3 / layer.weight.abs().max())  # two thirds of the latent weights beyond the clip
+        layer.router.weight.mul_(0.05)  # logits of about unit size: mixed gates, not one expert per token
+    x = torch.randn(4, 300, 576, device="cuda", requires_grad=True)
+    upstream = torch.randn(4, 300, 1536, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    (y.float() * upstream).sum().backward()
+    params = {n: p.detach().double().requires_grad_(True) for n, p in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_(True)
+    w = params["weight"]
+    signs = torch.where(w.detach() >= 0, 1.0, -1.0).double() + (w - w.detach()) * (w.detach().abs() <= 1)
+    gates = torch.softmax(x64 @ params["router.weight"].T, dim=-1)
+    ref = ((x64 * (gates @ params["scale_in"])) @ signs.T) * (gates @ params["scale_out"]) + params["bias"]
+    (ref * upstream.double()).sum().backward()
+    tol = 2e-2 if autocast else 1e-4
+    assert rel_err(y, ref.detach()) < tol and rel_err(x.grad, x64.grad) < tol
+    for name, p in layer.named_parameters():
+        assert rel_err(p.grad, params[name].grad) < tol, name
 
 
 def test_autocast_computes_in_bfloat16_and_returns_float32():

@@ -157,7 +157,8 @@ class BinaryMoSLinear(nn.Module):
 
 class _BinaryMoSFunction(torch.autograd.Function):
     """BinaryMoSLinear's forward (E > 1) and a hand-written backward: the products by cuBLAS, and the
-    per-token scaling with its gradients in single passes (``binarymos.kernels.scale_rows``).
+    per-token scaling with its gradients in single passes (``binarymos.kernels.scale_rows``), as are the sign, its
+    straight-through gradient and the softmax's backward (``signs``, ``ste_gradient``, ``gates_backward``).
 
     Autograd of the plain formula launches a dozen elementwise kernels per layer and direction and keeps
     s_in, x * s_in, z and s_out alive for the backward; this keeps x * s_in and z: 23 % less peak memory
@@ -168,33 +169,33 @@ class _BinaryMoSFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, router_weight, scale_in, scale_out, bias, clip: float, compute_dtype):
-        from .kernels import scale_rows
+        from .kernels import scale_rows, signs
 
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            signs = binary_sign(weight).to(compute_dtype)
-            gates = torch.softmax(F.linear(x2, router_weight.to(x.dtype)).float(), dim=-1)
+            binarized = signs(weight, compute_dtype)
+            router = router_weight.to(x.dtype)
+            gates = torch.softmax(F.linear(x2, router), dim=-1, dtype=torch.float32)
             xs = scale_rows(x2, gates, scale_in, out_dtype=compute_dtype)
-            z = F.linear(xs, signs)
+            z = F.linear(xs, binarized)
             y = scale_rows(z, gates, scale_out, bias, out_dtype=x.dtype)
-        ctx.save_for_backward(x2, weight, router_weight, scale_in, scale_out, gates, signs, xs, z)
-        ctx.clip, ctx.x_shape = clip, x.shape
+        ctx.save_for_backward(x2, weight, router, scale_in, scale_out, gates, binarized, xs, z)
+        ctx.clip, ctx.x_shape, ctx.router_dtype = clip, x.shape, router_weight.dtype
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_y):
-        from .kernels import scale_rows_backward
+        from .kernels import gates_backward, scale_rows_backward, ste_gradient
 
-        x2, weight, router_weight, scale_in, scale_out, gates, signs, xs, z = ctx.saved_tensors
+        x2, weight, router, scale_in, scale_out, gates, binarized, xs, z = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        dz, d_gates, d_scale_out = scale_rows_backward(dy, z, gates, scale_out, out_dtype=signs.dtype)
-        d_xs = dz @ signs
-        d_weight = torch.where(weight.abs() <= ctx.clip, (dz.T @ xs).to(weight.dtype), 0.0)
+        dz, d_gates_out, d_scale_out = scale_rows_backward(dy, z, gates, scale_out, out_dtype=binarized.dtype)
+        d_xs = dz @ binarized
+        d_weight = ste_gradient(weight, dz.T @ xs, ctx.clip)
         dx, d_gates_in, d_scale_in = scale_rows_backward(d_xs, x2, gates, scale_in, out_dtype=x2.dtype)
-        d_gates = d_gates + d_gates_in  # softmax backward, then the router's product
-        d_logits = (gates * (d_gates - (gates * d_gates).sum(-1, keepdim=True))).to(x2.dtype)
-        dx = dx.addmm_(d_logits, router_weight.to(x2.dtype))
-        d_router = (d_logits.T @ x2).to(router_weight.dtype)
+        d_logits = gates_backward(gates, d_gates_out, d_gates_in, x2.dtype)  # softmax's, then the router's product
+        dx = dx.addmm_(d_logits, router)
+        d_router = (d_logits.T @ x2).to(ctx.router_dtype)
         d_bias = dy.sum(0) if ctx.needs_input_grad[5] else None
         return (dx.view(ctx.x_shape), d_weight, d_router, d_scale_in.to(scale_in.dtype),
                 d_scale_out.to(scale_out.dtype), d_bias, None, None)

@@ -23,8 +23,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["binary_mos_linear", "binary_mos_linear_lut", "binary_mos_linear_reference", "scale_rows",
-           "scale_rows_backward", "scale_rows_backward_reference", "scale_rows_reference", "triton_available"]
+__all__ = ["binary_mos_linear", "binary_mos_linear_lut", "binary_mos_linear_reference", "gates_backward", "scale_rows",
+           "scale_rows_backward", "scale_rows_backward_reference", "scale_rows_reference", "signs", "ste_gradient",
+           "triton_available"]
 
 
 @functools.cache
@@ -166,6 +167,37 @@ def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Te
 
         return scale_rows_backward_triton(grad, saved, gates, scales, out_dtype)
     return scale_rows_backward_reference(grad, saved, gates, scales, out_dtype)
+
+
+def signs(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """+1 where weight >= 0, else -1 (NaN too), in ``dtype``: the training layer's binarized weight, one pass on CUDA."""
+    if weight.is_cuda and triton_available():
+        from .training import signs_triton
+
+        return signs_triton(weight, dtype)
+    return torch.where(weight >= 0, 1.0, -1.0).to(dtype)
+
+
+def ste_gradient(weight: torch.Tensor, grad: torch.Tensor, clip: float) -> torch.Tensor:
+    """The latent weight's gradient through the sign: ``grad`` (the signs' gradient, any dtype) where abs(weight) <=
+    clip, compared in the weight's dtype, and 0 elsewhere; in the weight's dtype."""
+    if weight.is_cuda and triton_available():
+        from .training import ste_gradient_triton
+
+        return ste_gradient_triton(weight, grad, clip)
+    return torch.where(weight.abs() <= clip, grad.to(weight.dtype), 0.0)
+
+
+def gates_backward(gates: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """The router logits' gradient for gates = softmax(logits) (M, E) and the gates' gradient grad_a + grad_b (the
+    two scalings' shares): gates * (d - sum_e gates * d), computed in float32 or wider, returned in ``out_dtype``."""
+    if gates.is_cuda and triton_available():
+        from .training import gates_backward_triton
+
+        return gates_backward_triton(gates, grad_a, grad_b, out_dtype)
+    d = grad_a + grad_b
+    return (gates * (d - (gates * d).sum(-1, keepdim=True))).to(out_dtype)
 
 
 def scale_rows_reference(a, gates, scales, bias=None, out_dtype=None) -> torch.Tensor:

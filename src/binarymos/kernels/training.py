@@ -9,6 +9,12 @@ Here each row pass reads its inputs once:
                                  grad_G partials = (grad * saved) @ S.T   (per column block; summed by the caller)
                                  grad_S partials = G.T @ (grad * saved)   (per row block; summed by the caller)
 
+    _signs_kernel                signs = +-1 of the latent weights, in the products' dtype
+    _ste_gradient_kernel         d weight = d signs where |weight| <= clip, else 0 (the straight-through sign)
+    _gates_backward_kernel       d logits = G * (d G - sum_e G d G), d G the two scalings' sum (softmax's backward)
+
+The last three each replace three to six PyTorch launches of a layer's step (casts, masks, small reductions),
+which a graph of ~10,000 kernels a step pays for one by one (docs/QUALITY.md).
 All arithmetic is fp32; 16-bit results round once. Only for E > 1: with one expert (OneBit) the scales
 are vectors, autograd's broadcasts are already cheap, and these launches measured slower (docs/RESULTS.md).
 The plain-PyTorch spelling of the same formulas, and the dispatch, are in ``binarymos.kernels``.
@@ -115,6 +121,70 @@ def scale_rows_backward_triton(grad: torch.Tensor, saved: torch.Tensor, gates: t
             E=E, E_P=triton.next_power_of_2(E), INTERPRET=interpreting(), BLOCK_M=BACKWARD_BLOCK_M,
             BLOCK_D=BACKWARD_BLOCK_D, COLUMNS=columns)
     return grad_a, gates_partial.sum(0), scales_partial.sum(0)
+
+
+@triton.jit
+def _signs_kernel(w_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, tl.where(w >= 0, 1.0, -1.0).to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _ste_gradient_kernel(w_ptr, grad_ptr, out_ptr, N, clip, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < N, other=0.0)
+    grad = tl.load(grad_ptr + offs, mask=offs < N, other=0.0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, tl.where(tl.abs(w) <= clip, grad, 0.0).to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _gates_backward_kernel(gates_ptr, grad_a_ptr, grad_b_ptr, out_ptr, M, E: tl.constexpr, E_P: tl.constexpr,
+                           INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ce = tl.arange(0, E_P)
+    mask = (rows[:, None] < M) & (ce[None, :] < E)
+    offs = rows[:, None].to(tl.int64) * E + ce[None, :]
+    gates = tl.load(gates_ptr + offs, mask=mask, other=0.0)
+    grad = tl.load(grad_a_ptr + offs, mask=mask, other=0.0) + tl.load(grad_b_ptr + offs, mask=mask, other=0.0)
+    out = gates * (grad - tl.sum(gates * grad, axis=1)[:, None])
+    tl.store(out_ptr + offs, _round(out, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+ELEMENTS_PER_PROGRAM = 1024  # of the elementwise passes over a weight matrix
+
+
+def signs_triton(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    weight = weight.contiguous()
+    out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
+    if weight.numel():
+        _signs_kernel[(triton.cdiv(weight.numel(), ELEMENTS_PER_PROGRAM),)](
+            weight, out, weight.numel(), BLOCK=ELEMENTS_PER_PROGRAM)
+    return out
+
+
+def ste_gradient_triton(weight: torch.Tensor, grad: torch.Tensor, clip: float) -> torch.Tensor:
+    weight, grad = weight.contiguous(), grad.contiguous()
+    out = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+    if weight.numel():
+        _ste_gradient_kernel[(triton.cdiv(weight.numel(), ELEMENTS_PER_PROGRAM),)](
+            weight, grad, out, weight.numel(), float(clip), BLOCK=ELEMENTS_PER_PROGRAM)
+    return out
+
+
+GATES_BLOCK_M = 128
+
+
+def gates_backward_triton(gates: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    gates, grad_a, grad_b = (t.float().contiguous() for t in (gates, grad_a, grad_b))
+    (M, E) = gates.shape
+    out = torch.empty((M, E), device=gates.device, dtype=out_dtype)
+    if M:
+        _gates_backward_kernel[(triton.cdiv(M, GATES_BLOCK_M),)](
+            gates, grad_a, grad_b, out, M, E=E, E_P=triton.next_power_of_2(E), INTERPRET=interpreting(),
+            BLOCK_M=GATES_BLOCK_M)
+    return out
 
 
 @triton.jit
