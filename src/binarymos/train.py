@@ -548,8 +548,9 @@ class TeacherCache:
         self._landed = rows
 
     def _fill(self, targets, rows: torch.Tensor) -> None:
+        rows = rows.tolist()
         for target, stored in zip(targets, self._stored):
-            for i, row in enumerate(rows.tolist()):
+            for i, row in enumerate(rows):
                 target[i].copy_(stored[row], non_blocking=True)
 
     def outputs(self, index: torch.Tensor, hidden_states: bool, forced: TeacherForcedBlocks | None):

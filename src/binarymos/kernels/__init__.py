@@ -175,7 +175,9 @@ def signs(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         from .training import signs_triton
 
         return signs_triton(weight, dtype)
-    return torch.where(weight >= 0, 1.0, -1.0).to(dtype)
+    from ..nn import binary_sign
+
+    return binary_sign(weight).to(dtype)
 
 
 def ste_gradient(weight: torch.Tensor, grad: torch.Tensor, clip: float) -> torch.Tensor:
