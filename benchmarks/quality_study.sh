@@ -298,8 +298,10 @@ EOF
 lanes-alone)  # what `session alone` runs detached, on GPU 0: each NAME:BUDGET of RUNS (default "e4:20") alone on the
     # GPU, one after the other, so that their tokens per minute are their own. BUDGET is minutes of training, or
     # millions of tokens with an M (10M: comparable across machines of different speed). NAME e4 is the default
-    # recipe at E=4, eN (e1, e2, e8, e16) at that E, paper the authors' recipe at E=4, and one lever each at E=4: bN batch
-    # N (b16, b4; after seqN it sets that run's batch), seqN sequences of N tokens (seq1024: 16 of them a step, the same 16,384 tokens), bwN --blockwise N/100 (bw12: the first 12 %), lr2 and lr05 both learning rates doubled and halved, hidN --hidden-weight N, norms
+    # recipe at E=4, eN (e1, e2, e8, e16) at that E, paper the authors' recipe at E=4, and one lever each at E=4: bN
+    # batch N (b16, b4; after seqN it sets that run's batch), seqN sequences of N tokens (seq1024: 16 of them a step,
+    # the same 16,384 tokens), bwN --blockwise N/100 (bw12: the first 12 %), lr2 and lr05 both learning rates doubled
+    # and halved, hidN --hidden-weight N (the default's is 3 since session 25; hid1 the one before), norms
     # --train-norms, alltext all the offline real text (c4_wiki and calib: 1.32 M tokens, 2.1x c4_wiki's), graphs
     # the default recipe with each step replayed as a CUDA graph (--cuda-graphs), cache the teacher's outputs computed
     # once before the first step (--cache-teacher), anneal10 and anneal25

@@ -55,6 +55,14 @@ def test_paper_recipe_is_the_authors_setting():
     assert (TrainConfig().blockwise, TrainConfig(blockwise=0).blockwise) == (0.25, 0)  # ours: a quarter block-wise
 
 
+def test_default_recipe_is_the_measured_one_and_its_batch_is_4_where_steps_replay_as_cuda_graphs():
+    ours = TrainConfig()
+    assert (ours.lr_weight, ours.lr_scale, ours.kl_reduction, ours.hidden_weight, ours.hidden_norm, ours.warmup,
+            ours.batch_size) == (2e-4, 1e-2, "token", 3.0, "teacher", 0.03, 8)
+    assert TrainConfig(cuda_graphs=True).batch_size == 4
+    assert TrainConfig(cuda_graphs=True, batch_size=8).batch_size == 8  # an explicit batch wins
+
+
 def test_lr_schedule_is_linear_warmup_then_cosine():
     total, warm = 100, 10
     assert lr_factor(0, total, warm) == pytest.approx(0.1)

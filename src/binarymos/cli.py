@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: ours, tuned for small budgets; paper: the authors' exact setting")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default: the recipe's; "
+                   "the default recipe's is 8, and 4 with --cuda-graphs)")
     p.add_argument("--grad-accum", type=int, default=1)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-tokens", type=int, default=None, help="training budget in tokens")
