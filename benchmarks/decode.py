@@ -8,9 +8,11 @@ runs the model on the last token with a static KV cache, takes the argmax and fe
 on the device (no host synchronisation between tokens). Reports tokens/s and peak GPU memory.
 With --compile both variants' forward goes through torch.compile first (the BinaryMoS layer is the
 opaque custom op ``binarymos::binary_mos_linear``), which fuses the norms, rotary embedding, SiLU
-and residual adds that otherwise cost a kernel launch each per layer.
+and residual adds that otherwise cost a kernel launch each per layer. With --profile N, torch.profiler also
+records N more replays of each graph and a second table splits a token's wall time into the kernels' time by
+kind (ours, cuBLAS's, attention's, the rest) and the time the GPU ran no kernel: what is left to win, and where.
 
-    PYTHONPATH=src python benchmarks/decode.py --out docs/decode.md [--compile]
+    PYTHONPATH=src python benchmarks/decode.py --out docs/decode.md [--compile] [--profile 16]
 """
 from __future__ import annotations
 
@@ -36,6 +38,30 @@ MODELS = {
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
 }
+
+# kernel kinds by the names the profiler gives them, the first that matches: binarymos.kernels' Triton kernels
+# (before cuBLAS's, whose GEMVs share a word with ours), cuBLAS's fp16 products, attention
+KERNEL_KINDS = (
+    ("binarymos", ("_gemv_kernel", "_decode_kernel", "_router_kernel", "_prep_kernel", "_unpack_kernel",
+                   "_scale_output_kernel")),
+    ("cublas", ("gemm", "gemv", "nvjet", "cutlass", "xmma")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def kernel_ms_by_kind(kernels, steps: int) -> dict:
+    """Per step, each kind's summed kernel milliseconds and the kernels launched, from (name, device us, calls)."""
+    per_step = dict.fromkeys([kind for kind, _ in KERNEL_KINDS] + ["other"], 0.0)
+    launches = 0
+    for name, device_us, calls in kernels:
+        per_step[kernel_kind(name)] += device_us / 1e3 / steps
+        launches += calls
+    return per_step | {"kernels": launches / steps}
 
 
 def build_model(name: str):
@@ -68,17 +94,20 @@ def pack_randomly(model: nn.Module, experts: int = 4) -> nn.Module:
 
 
 @torch.no_grad()
-def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = False) -> tuple[float, torch.Tensor]:
-    """Seconds for ``new_tokens`` greedy steps (CUDA-graph replays) after a prompt; and the tokens."""
+def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = False,
+           profile_steps: int = 0) -> tuple[float, torch.Tensor, dict | None]:
+    """Seconds for ``new_tokens`` greedy steps (CUDA-graph replays) after a prompt; the tokens; and with
+    ``profile_steps``, kernel_ms_by_kind of that many more replays under torch.profiler."""
     from transformers import StaticCache
 
     warmup = 3
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + warmup + 1)
+    steps = new_tokens + warmup + profile_steps
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + 1)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
     cached = {kv_cache_keyword(model): cache}
     logits = model(input_ids=prompt, **cached, use_cache=True).logits
     last = logits[:, -1:].argmax(-1)
-    tokens = torch.zeros(batch, new_tokens + warmup, dtype=torch.long, device="cuda")
+    tokens = torch.zeros(batch, steps, dtype=torch.long, device="cuda")
     step_index = torch.zeros(1, dtype=torch.long, device="cuda")
     position = torch.full((1,), prompt_len, dtype=torch.long, device="cuda")  # of the token being fed
     forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
@@ -106,10 +135,26 @@ def decode(model, batch: int, prompt_len: int, new_tokens: int, compile: bool = 
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 1e3, tokens
+    return start.elapsed_time(end) / 1e3, tokens[:, :new_tokens + warmup], profiled(graph, profile_steps)
 
 
-def run(names, batches, prompt_len, new_tokens, compile=False, experts: int = 4) -> list[dict]:
+def profiled(graph, steps: int) -> dict | None:
+    if not steps:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    return kernel_ms_by_kind([(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
+                              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)],
+                             steps)
+
+
+def run(names, batches, prompt_len, new_tokens, compile=False, experts: int = 4,
+        profile_steps: int = 0) -> list[dict]:
     rows = []
     for name in names:
         model = build_model(name)
@@ -121,11 +166,11 @@ def run(names, batches, prompt_len, new_tokens, compile=False, experts: int = 4)
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             for batch in batches:
                 torch.cuda.reset_peak_memory_stats()
-                seconds, tokens = decode(model, batch, prompt_len, new_tokens, compile)
+                seconds, tokens, kernel_ms = decode(model, batch, prompt_len, new_tokens, compile, profile_steps)
                 row = {"model": name, "variant": variant, "batch": batch, "tok_s": batch * new_tokens / seconds,
                        "ms_per_step": 1e3 * seconds / new_tokens, "weights_gb": weights / 1e9,
                        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-                       "distinct_tokens": int(tokens.unique().numel())}
+                       "distinct_tokens": int(tokens.unique().numel()), "kernel_ms": kernel_ms}
                 rows.append(row)
                 print(f"{name:>13} {variant:>9} batch {batch}: {row['tok_s']:9.1f} tok/s "
                       f"({row['ms_per_step']:.2f} ms/step), weights {row['weights_gb']:.2f} GB, "
@@ -153,7 +198,26 @@ def markdown(rows, prompt_len, new_tokens, compile=False, experts: int = 4) -> s
         lines.append(f"| {r['model']} | {r['batch']} | {r['tok_s']:.1f} | {b['tok_s']:.1f} | "
                      f"{b['tok_s'] / r['tok_s']:.2f}x | {r['weights_gb']:.2f} / {r['peak_gb']:.2f} | "
                      f"{b['weights_gb']:.2f} / {b['peak_gb']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + profile_table(rows)) + "\n"
+
+
+def profile_table(rows) -> list[str]:
+    """Markdown lines splitting each profiled row's ms a token: kernels by kind (KERNEL_KINDS), and the rest of the
+    timed replays' wall time, in which the GPU ran no kernel."""
+    profiled_rows = [r for r in rows if r.get("kernel_ms")]
+    if not profiled_rows:
+        return []
+    kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
+    lines = ["", "ms a token by kernel kind (torch.profiler over replays of the same graph; idle: the timed wall "
+             "time less every kernel's):", "",
+             f"| model shape | batch | variant | wall | {' | '.join(kinds)} | idle | kernels a token |",
+             "|---|---|---|" + "---:|" * (len(kinds) + 3)]
+    for r in profiled_rows:
+        ms = r["kernel_ms"]
+        idle = r["ms_per_step"] - sum(ms[kind] for kind in kinds)
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | "
+                     + " | ".join(f"{ms[kind]:.3f}" for kind in kinds) + f" | {idle:.3f} | {ms['kernels']:.0f} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -165,14 +229,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="markdown file (default: $OUT/decode.md, else stdout only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward of both variants")
     p.add_argument("--experts", "-E", type=int, default=4, help="scaling experts of the packed layers (default 4)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N more replays of each graph: ms a token by kernel kind (default 0: off)")
     args = p.parse_args(argv)
     if args.experts < 1:
         p.error("--experts must be >= 1")
+    if args.profile < 0:
+        p.error("--profile must be >= 0")
     if not torch.cuda.is_available():
         print("decode: needs a CUDA GPU", file=sys.stderr)
         return 1
     rows = run(args.models.split(","), [int(b) for b in args.batch.split(",")], args.prompt_len, args.new_tokens,
-               args.compile, args.experts)
+               args.compile, args.experts, args.profile)
     text = markdown(rows, args.prompt_len, args.new_tokens, args.compile, args.experts)
     out = args.out or (os.path.join(os.environ["OUT"], "decode.md") if os.environ.get("OUT") else None)
     if out:

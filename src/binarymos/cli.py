@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one random token)")
     p.add_argument("--out", default="runs/binarymos", help="run directory (checkpoint, log, model)")
     p.add_argument("--method", default="mos", choices=["mos"], help="mos: BinaryMoS (E=1 is OneBit)")
-    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=4, help="scaling experts per layer (1 = OneBit)")
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=4,
+                   help="scaling experts per layer (1 = OneBit)")
     p.add_argument("--recipe", default="default", choices=["default", "paper"],
                    help="default: ours, tuned for small budgets; paper: the authors' exact setting")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -362,13 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-weight", type=float, default=None, help="learning rate of the latent weights")
     p.add_argument("--lr-scale", type=float, default=None, help="learning rate of scales and router")
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps (of the time, with --max-minutes)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="warm-up fraction of the steps (of the time, with --max-minutes)")
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--hidden-weight", type=float, default=None, help="weight of the hidden-state term")
     p.add_argument("--kl-reduction", choices=["token", "batchmean"], default=None)
     p.add_argument("--hidden-norm", choices=["teacher", "none"], default=None)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
+    p.add_argument("--train-norms", action="store_true",
+                   help="also train the RMSNorm/LayerNorm weights (at --lr-scale)")
     p.add_argument("--router-init-std", type=float, default=0.02, help="std of the routers' normal init")
     p.add_argument("--expert-init-noise", type=float, default=0.0,
                    help="relative std of each expert's initial scales around the SVD's (default 0: all experts equal, "
@@ -385,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "student too (for long runs: compilation takes minutes)")
     p.add_argument("--bf16-compute", action="store_true",
                    help="one process: frozen student parameters in bf16, so activations are bf16 as under FSDP2 "
-                        "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one measured pair)")
+                        "(~30 %% less activation memory, ~10 %% more tokens/s; perplexity within noise in one "
+                        "measured pair)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                    help="one process on a GPU: replay each step's forward and backward as a CUDA graph, so the host "
                         "does not launch its kernels one by one (needs no --compile and no checkpointing)")
@@ -419,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "arc_easy, arc_challenge) "
                         "(perplexity is then skipped unless --ppl is given)")
     p.add_argument("--task-path", default=None, help="a folder of extra lm-eval task YAML files")
-    p.add_argument("--limit", type=_int_at_least(1), default=None, help="evaluate only the first N examples of each task")
+    p.add_argument("--limit", type=_int_at_least(1), default=None,
+                   help="evaluate only the first N examples of each task")
     p.add_argument("--sign", action="store_true", help="evaluate the static sign baseline of the model instead")
     p.set_defaults(func=_cmd_eval, ppl=None)
 
@@ -440,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="a config.json, a model directory, or llama-7b, llama-13b, llama-2-7b, llama-2-13b, "
                         "llama-3-8b, mistral-7b, qwen2.5-7b, qwen2.5-14b, llama-2-70b")
-    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=None, help="BinaryMoS experts (default: the pack's, or 4)")
+    p.add_argument("--num-experts", "-E", type=_int_at_least(1), default=None,
+                   help="BinaryMoS experts (default: the pack's, or 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_footprint)
 
@@ -478,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "minutes, bytes")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF id, local directory, .gguf file or smollm2-135m")
     p.add_argument("--methods", default="fp,sign,onebit,mos2,mos4,mos8",
-                   help="fp, sign (no training), onebit (E=1), mosN (BinaryMoS, N experts); default: all of the paper's")
+                   help="fp, sign (no training), onebit (E=1), mosN (BinaryMoS, N experts); "
+                        "default: all of the paper's")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-tokens", type=int, help="training budget of every trained method, in tokens")
     budget.add_argument("--max-minutes", type=float,

@@ -57,7 +57,8 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """
     config = getattr(model, "config", None)
     if config is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no Hugging Face config; cannot find its decoder blocks")
+        raise UnsupportedModelError(f"{type(model).__name__} has no Hugging Face config; "
+                                    "cannot find its decoder blocks")
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
     candidates = [(name, module) for name, module in model.named_modules()

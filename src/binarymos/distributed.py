@@ -219,7 +219,8 @@ def save_checkpoint(out: Path, student, optimizer, step: int, cfg, env: Env, sec
     model_state, optim_state = get_state_dict(student, optimizer, options=TRAINABLE)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if env.is_main:
-        meta = {"step": step, "seconds": seconds, "world_size": env.world_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+        meta = {"step": step, "seconds": seconds, "world_size": env.world_size, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum}
         (tmp / "trainer.json").write_text(json.dumps(meta))
         os.replace(tmp, final)
         for old in final.parent.glob("step-*"):

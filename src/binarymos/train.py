@@ -807,7 +807,8 @@ def portable_optimizer_state(optimizer) -> dict:
     state = optimizer.state_dict()
     return {"state": {key: {name: value.cpu() if name == "step" else value for name, value in values.items()}
                       for key, values in state["state"].items()},
-            "param_groups": [{**group, "lr": float(group["lr"]), "capturable": False} for group in state["param_groups"]]}
+            "param_groups": [{**group, "lr": float(group["lr"]), "capturable": False}
+                             for group in state["param_groups"]]}
 
 
 def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
@@ -858,7 +859,8 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
-    if cfg.compile != "none" and not cfg.cache_teacher:  # in place: parameter names (checkpoints, save) stay as they are
+    # in place: parameter names (checkpoints, save) stay as they are
+    if cfg.compile != "none" and not cfg.cache_teacher:
         # the teacher runs one static shape without autograd: CUDA graphs take its ~1,000 launches a step off the host
         graphs = device.type == "cuda" and not env.distributed
         teacher.compile(mode="reduce-overhead" if graphs else None)
@@ -1006,7 +1008,8 @@ def train(cfg: TrainConfig):
                 break
             # a time budget runs the same warm-up and cosine over milliseconds of training instead of steps
             factor = (lr_factor(step, steps, max(1, round(cfg.warmup * steps))) if steps else
-                      lr_factor(int(clock["seconds"] * 1000), int(budget * 1000), max(1, round(cfg.warmup * budget * 1000))))
+                      lr_factor(int(clock["seconds"] * 1000), int(budget * 1000),
+                                max(1, round(cfg.warmup * budget * 1000))))
             for group in optimizer.param_groups:
                 set_lr(group, group["base_lr"] * factor)
             torch.manual_seed(cfg.seed * 7919 + step)  # any randomness (dropout) is a function of the step
@@ -1051,7 +1054,8 @@ def train(cfg: TrainConfig):
                            for name, group in zip(("weight", "scale"), optimizer.param_groups)},
                         **({"blockwise": True} if blockwise else {}),
                         **({"teacher_share": round(share, 6)} if blockwise and teacher_share is not None else {}),
-                        "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3), "time": round(time.time(), 3)}
+                        "tokens_per_s": round(rate, 1), "train_seconds": round(seconds, 3),
+                        "time": round(time.time(), 3)}
             if step % cfg.log_every == 0 or last:
                 log.write(json.dumps(unlogged) + "\n")
                 log.flush()

@@ -34,7 +34,8 @@ def triton_available() -> bool:
 
 
 def binary_mos_linear(x: torch.Tensor, packed_weight: torch.Tensor, router: torch.Tensor | None,
-                      scale_in: torch.Tensor, scale_out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+                      scale_in: torch.Tensor, scale_out: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """The packed layer's forward: Triton kernels for 16-bit activations on CUDA when Triton imports, else plain
     PyTorch."""
     if x.is_cuda and triton_available() and x.dtype in (torch.float16, torch.bfloat16):
@@ -170,7 +171,8 @@ def scale_rows_backward(grad: torch.Tensor, saved: torch.Tensor, gates: torch.Te
 
 
 def signs(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """+1 where weight >= 0, else -1 (NaN too), in ``dtype``: the training layer's binarized weight, one pass on CUDA."""
+    """+1 where weight >= 0, else -1 (NaN too), in ``dtype``: the training layer's binarized weight, one pass on
+    CUDA."""
     if weight.is_cuda and triton_available():
         from .training import signs_triton
 

@@ -178,7 +178,8 @@ def _store_output(acc, gates, s_out_ptr, bias_ptr, y_ptr, rm, rn, M, N, stride_y
     y = acc * s_out
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], _round(y, dt, INTERPRET), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], _round(y, dt, INTERPRET),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
