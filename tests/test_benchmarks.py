@@ -9,19 +9,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["linear_latency", "decode"])
-def test_an_expert_count_below_one_is_refused_in_one_line(script):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--experts", "0"],
+@pytest.mark.parametrize("script, option, bad, error", [
+    ("linear_latency", "--experts", "0", "--experts must be >= 1"),
+    ("decode", "--experts", "0", "--experts must be >= 1"),
+    ("decode", "--profile", "-1", "--profile must be >= 0"),
+])
+def test_a_bad_option_is_refused_in_one_line(script, option, bad, error):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), option, bad],
                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == f"{script}.py: error: --experts must be >= 1"
-
-
-def test_decode_profile_is_refused_below_zero_in_one_line():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--profile", "-1"],
-                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == "decode.py: error: --profile must be >= 0"
+    assert run.stderr.strip().splitlines()[-1] == f"{script}.py: error: {error}"
 
 
 def test_decode_profile_splits_a_token_into_kernel_kinds_and_idle_time(monkeypatch):

@@ -859,7 +859,7 @@ def prepare(cfg: TrainConfig, env: distributed.Env | None = None):
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     teacher, student = distributed.place(env, teacher, student)
-    # in place: parameter names (checkpoints, save) stay as they are
+    # compiled in place (Module.compile): parameter names (checkpoints, save) stay as they are
     if cfg.compile != "none" and not cfg.cache_teacher:
         # the teacher runs one static shape without autograd: CUDA graphs take its ~1,000 launches a step off the host
         graphs = device.type == "cuda" and not env.distributed
